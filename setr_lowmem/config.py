@@ -1,0 +1,449 @@
+"""One strict, typed configuration tree for a SETR training run.
+
+Every run is described by a `Config`: nested dataclasses, each field with a one-line
+docstring. `load_config(path, overrides)` reads a flat YAML file and validates it
+strictly (pydantic in JSON-strict mode): an unknown key, a value of the wrong type or an
+impossible value is a `ConfigError` whose one-line message names the key and the file.
+Command-line overrides (`optim.lr=0.01`) are parsed as YAML scalars and validated the
+same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+_STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+Decoder = Literal["naive", "pup", "mla"]
+DatasetName = Literal["synthetic", "ade20k", "cityscapes", "pascal_context", "pascal_context59", "hf"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line that names the key and the file."""
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    decoder: Decoder = "pup"
+    """SETR decoder: naive, pup or mla."""
+    embed_dim: int = 1024
+    """Width of the ViT encoder (1024 for ViT-L)."""
+    depth: int = 24
+    """Number of transformer blocks (24 for ViT-L)."""
+    num_heads: int = 16
+    """Attention heads per block."""
+    patch_size: int = 16
+    """Patch size of the encoder; the crop must be divisible by it."""
+    mlp_ratio: float = 4.0
+    """Hidden width of each block's MLP relative to embed_dim."""
+    out_indices: list[int] = field(default_factory=lambda: [9, 14, 19, 23])
+    """Encoder blocks (0-based) tapped: Naive/PUP main head on the last, aux heads on the others; MLA uses all."""
+    head_channels: int = 256
+    """Channels of the decoder convolutions (256 in SETR)."""
+    mla_channels: int = 128
+    """Channels of each MLA head branch (128 in SETR)."""
+    aux_heads: bool = True
+    """Build the auxiliary heads (training graph); false gives the inference graph."""
+    naive_aux_convs: int = 2
+    """1x1 conv stages per Naive aux head (2 for ADE20K and Pascal Context, 1 for Cityscapes)."""
+    dropout: float = 0.0
+    """Dropout before each classifier (0 in every SETR config)."""
+    pretrained: str = ""
+    """ViT-L/16 weights: a local .pth/.npz/.safetensors file, 'timm:<model name>' (online), or '' for random init."""
+    mmseg_checkpoint: str = ""
+    """A SETR checkpoint trained with mmsegmentation to import (whole model); '' for none."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "embed_dim", "depth", "num_heads", "patch_size", "head_channels", "mla_channels")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if len(self.out_indices) != 4:
+            raise ValueError(f"out_indices needs 4 encoder layers, got {self.out_indices}")
+        bad = [i for i in self.out_indices if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"out_indices {bad} outside the encoder's blocks 0..{self.depth - 1}")
+        if self.naive_aux_convs not in (1, 2):
+            raise ValueError(f"naive_aux_convs must be 1 or 2, got {self.naive_aux_convs}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(config=_STRICT)
+class SyntheticConfig:
+    num_train: int = 320
+    """Training scenes generated."""
+    num_val: int = 48
+    """Validation scenes generated."""
+    size: int = 128
+    """Side of each generated scene in pixels."""
+    seed: int = 0
+    """Seed that fixes every scene."""
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    dataset: DatasetName = "synthetic"
+    """synthetic (built in), ade20k, cityscapes, pascal_context(59) in their official layouts, or hf."""
+    root: str = ""
+    """Dataset root (official layouts) or, for hf, a saved dataset dir, data dir, or hub name."""
+    num_classes: int = 150
+    """Number of classes (labels 0..num_classes-1; 255 is ignored)."""
+    crop: int = 512
+    """Training crop side in pixels (divisible by the patch size)."""
+    base_scale: tuple[int, int] = (2048, 512)
+    """Resize target (long side, short side) kept in ratio, for training and test."""
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    """Random ratio applied to base_scale during training."""
+    cat_max_ratio: float = 0.75
+    """Random crop is retried (up to 10 times) while one class covers more than this."""
+    flip_prob: float = 0.5
+    """Horizontal flip probability."""
+    photometric: bool = True
+    """mmseg's photometric distortion (brightness, contrast, saturation, hue)."""
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    """Per-channel mean on 0..255 RGB."""
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    """Per-channel std on 0..255 RGB."""
+    train_split: str = "train"
+    """Split used for training (train/val map to each layout's own names)."""
+    val_split: str = "val"
+    """Split used for validation and evaluation."""
+    image_column: str = "image"
+    """hf datasets: the image column."""
+    label_column: str = "label"
+    """hf datasets: the label-map column."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The built-in procedurally generated dataset."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_classes", "crop")
+        if self.num_classes > 255:
+            raise ValueError(f"num_classes {self.num_classes} must be below 255 (the ignore index)")
+        if min(self.base_scale) <= 0:
+            raise ValueError(f"base_scale {self.base_scale} must be positive")
+        lo, hi = self.ratio_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio_range {self.ratio_range} must satisfy 0 < low <= high")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.dataset not in ("synthetic",) and not self.root:
+            raise ValueError(f"root is required for dataset {self.dataset!r}")
+
+
+@dataclass(config=_STRICT)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    """Optimizer: the paper's SGD, or AdamW."""
+    lr: float = 0.001
+    """Base learning rate (encoder); heads get lr * head_lr_mult."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """Weight decay (0 in the paper)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    head_lr_mult: float = 10.0
+    """lr multiplier for decode and aux head parameters (mmseg's custom_keys 'head')."""
+    bits: Literal[32, 8] = 32
+    """Optimizer state precision: 32 (torch) or 8 (bitsandbytes)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.momentum < 0 or self.head_lr_mult <= 0:
+            raise ValueError("momentum and weight_decay must be >= 0 and head_lr_mult > 0")
+
+
+@dataclass(config=_STRICT)
+class ScheduleConfig:
+    iters: int = 160000
+    """Training iterations (optimizer steps of the effective batch)."""
+    power: float = 0.9
+    """Poly decay power."""
+    min_lr: float = 1e-4
+    """Poly decay floor (mmseg's eta_min), the same for every parameter group."""
+    warmup_iters: int = 0
+    """Linear warmup iterations (0 in the paper)."""
+    warmup_ratio: float = 1e-6
+    """lr factor at the first warmup iteration."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "iters")
+        if self.warmup_iters < 0 or self.warmup_iters >= self.iters:
+            raise ValueError(f"warmup_iters must be in [0, iters), got {self.warmup_iters}")
+        if self.min_lr < 0 or self.power <= 0:
+            raise ValueError("min_lr must be >= 0 and power > 0")
+
+
+@dataclass(config=_STRICT)
+class LossConfig:
+    main_weight: float = 1.0
+    """Weight of the main head's cross-entropy."""
+    aux_weight: float = 0.4
+    """Weight of each aux head's cross-entropy."""
+    ignore_index: int = 255
+    """Label value that carries no loss."""
+    avg_non_ignore: bool = False
+    """False (mmseg's default, the paper's): average over all pixels; True: over labelled pixels only."""
+
+
+@dataclass(config=_STRICT)
+class DeepSpeedConfig:
+    stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage; 0 means DeepSpeed is not used."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) on the CPU."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (stage 3 only)."""
+
+
+@dataclass(config=_STRICT)
+class MemoryConfig:
+    checkpointing: Literal["none", "blocks", "selective", "full"] = "none"
+    """Activation checkpointing: none; every k-th block; selective (keep matmul/attention outputs); full (blocks + each head with its loss)."""
+    every_k: int = 1
+    """With 'blocks': checkpoint every k-th encoder block."""
+    precision: Literal["fp32", "bf16", "bf16_weights"] = "fp32"
+    """fp32; bf16 autocast over fp32 weights; bf16 weights with fp32 master copies (DeepSpeed)."""
+    attention: Literal["eager", "sdpa"] = "sdpa"
+    """Attention kernel: eager (materialises the attention matrix, as mmseg did) or PyTorch SDPA."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed ZeRO through accelerate's plugin."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "every_k")
+        ds = self.deepspeed
+        if ds.offload_params and ds.stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs ZeRO stage 3, got stage {ds.stage}")
+        if ds.offload_optimizer and ds.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs a ZeRO stage (deepspeed.stage 1, 2 or 3)")
+        if self.precision == "bf16_weights" and ds.stage == 0:
+            raise ValueError("precision bf16_weights needs DeepSpeed (deepspeed.stage 1, 2 or 3)")
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    total_batch: int = 16
+    """Effective batch per optimizer step (the paper's 16 or 8) = micro_batch x accumulation x processes."""
+    micro_batch: int = 16
+    """Images per forward/backward on each process."""
+    seed: int = 0
+    """Seed for initialisation, data order and augmentation."""
+    out_dir: str = ""
+    """Run directory; '' means runs/<config name>."""
+    log_every: int = 50
+    """Log loss, lr and memory every N iterations."""
+    val_every: int = 16000
+    """Validate every N iterations (0: only at the end)."""
+    ckpt_every: int = 16000
+    """Save a checkpoint every N iterations (0: only at the end and on a signal)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite losses that stop the run."""
+    sync_bn: bool = True
+    """Use SyncBatchNorm across processes (statistics over the whole batch, as the paper)."""
+    val_max_images: int = 0
+    """Cap on validation images during training (0: the whole split)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "total_batch", "micro_batch", "log_every", "keep_last", "max_bad_steps")
+        if self.total_batch % self.micro_batch:
+            raise ValueError(
+                f"total_batch {self.total_batch} is not a multiple of micro_batch {self.micro_batch}")
+        if self.val_every < 0 or self.ckpt_every < 0 or self.val_max_images < 0:
+            raise ValueError("val_every, ckpt_every and val_max_images must be >= 0")
+
+
+@dataclass(config=_STRICT)
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "slide"
+    """Whole-image or sliding-window inference."""
+    crop: int = 512
+    """Sliding window side."""
+    stride: int = 341
+    """Sliding window stride."""
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    """Ratios of base_scale to test at (the paper's multi-scale: 0.5 0.75 1.0 1.25 1.5 1.75)."""
+    flip: bool = False
+    """Also test the horizontally flipped image and average the probabilities."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "crop", "stride")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be a non-empty list of positive ratios, got {self.scales}")
+
+
+@dataclass(config=_STRICT)
+class Config:
+    name: str = "run"
+    """Name of the run (default run directory runs/<name>)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The SETR model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and training pipeline."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and parameter groups."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Iterations and learning-rate schedule."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights and reduction."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Memory techniques, each applied from outside the model."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batching, logging and checkpoints."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Test-time inference protocol."""
+
+    def __post_init__(self) -> None:
+        if self.data.crop % self.model.patch_size:
+            raise ValueError(
+                f"data.crop {self.data.crop} is not divisible by model.patch_size {self.model.patch_size}")
+        if self.eval.mode == "slide" and self.eval.crop % self.model.patch_size:
+            raise ValueError(
+                f"eval.crop {self.eval.crop} is not divisible by model.patch_size {self.model.patch_size}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir or f"runs/{self.name}")
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+# PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string. Users write learning rates
+# that way, so floats in exponent form are resolved as floats too.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+_ADAPTER = TypeAdapter(Config)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`pup_ade20k.yaml` or `pup_ade20k` finds configs/pup_ade20k.yaml; other paths are taken as given."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if p.parent == Path(".") and candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path} (also looked in {CONFIG_DIR})")
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """['optim.lr=0.01', 'memory.checkpointing=full'] -> nested dict with YAML-typed values."""
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.load(raw, Loader=_Loader) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a plain dict strictly; errors name the key and `source`."""
+    try:
+        return _ADAPTER.validate_json(json.dumps(data), strict=True)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "unexpected_keyword_argument":
+        return f"unknown key {loc}"
+    if first["type"] == "missing_argument":
+        return f"missing required key {loc}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg}, got {first.get('input')!r}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (bare names resolve against configs/) and apply `key=value` overrides."""
+    path = resolve_config_path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    extra = parse_overrides(overrides)
+    if not extra:
+        return config_from_dict(data, str(path))
+    # Validate the file alone first so that an error in it is blamed on it, not on the overrides.
+    config_from_dict(data, str(path))
+    return config_from_dict(_merge(data, extra), f"{path} with overrides {' '.join(overrides or [])}")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML and for comparing runs."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ, as 'key: old -> new' lines."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_configs(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

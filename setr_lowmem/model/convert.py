@@ -1,0 +1,85 @@
+"""Import a SETR checkpoint trained with mmsegmentation into this toolkit's model.
+
+mmseg stores the encoder under `backbone.` with its own ViT naming (fused q,k,v in
+`attn.attn.in_proj_weight`, as nn.MultiheadAttention); the heads and neck already use the
+names this toolkit's modules have (`decode_head.`, `auxiliary_head.{k}.`, `neck.`). Only
+the encoder keys are renamed; q,k,v are stacked in the same (q, k, v) x heads x head_dim
+order in both, so the fused tensors carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from setr_lowmem.model.encoder import WeightsError
+
+log = logging.getLogger(__name__)
+
+_BACKBONE_RULES = [
+    (r"^backbone\.patch_embed\.projection\.", "encoder.patch_embed.proj."),
+    (r"^backbone\.cls_token$", "encoder.cls_token"),
+    (r"^backbone\.pos_embed$", "encoder.pos_embed"),
+    (r"^backbone\.layers\.(\d+)\.ln1\.", r"encoder.blocks.\1.norm1."),
+    (r"^backbone\.layers\.(\d+)\.ln2\.", r"encoder.blocks.\1.norm2."),
+    (r"^backbone\.layers\.(\d+)\.attn\.attn\.in_proj_(weight|bias)$", r"encoder.blocks.\1.attn.qkv.\2"),
+    (r"^backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.", r"encoder.blocks.\1.attn.proj."),
+    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.", r"encoder.blocks.\1.mlp.fc1."),
+    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.1\.", r"encoder.blocks.\1.mlp.fc2."),
+]
+
+
+def mmseg_to_setr_lowmem(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename an mmseg SETR state dict. Returns (renamed, keys that have no counterpart)."""
+    out, unknown = {}, []
+    for key, value in sd.items():
+        if key.startswith(("decode_head.", "auxiliary_head.", "neck.")):
+            out[key] = value
+            continue
+        for pattern, repl in _BACKBONE_RULES:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    return out, unknown
+
+
+def load_mmseg_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Load an mmseg SETR checkpoint (`state_dict` next to `meta`) into `model`.
+
+    The position embedding is resized to the model's grid when the checkpoint was trained
+    at another crop. A checkpoint of another model (a shape mismatch, or most keys absent)
+    is an error; otherwise missing and unexpected keys are reported.
+    """
+    from setr_lowmem.model.encoder import read_state_dict
+
+    raw = read_state_dict(path)
+    sd, unknown = mmseg_to_setr_lowmem(raw)
+    target = model.state_dict()
+    pos = sd.get("encoder.pos_embed")
+    if pos is not None and pos.shape != target["encoder.pos_embed"].shape:
+        sd["encoder.pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.encoder.patch_embed.grid_size), num_prefix_tokens=1,
+            interpolation="bilinear", antialias=False, align_corners=False)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+             for k, v in sd.items() if k in target and v.shape != target[k].shape]
+    if wrong:
+        raise WeightsError(f"{path} does not fit this model: shape mismatch {wrong[0]}"
+                           + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else "")
+                           + " (check model.decoder and data.num_classes)")
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if len(missing) > len(target) // 2:
+        raise WeightsError(f"{path} is not an mmseg SETR checkpoint: {len(missing)} of {len(target)} keys "
+                           f"missing, e.g. {missing[0]}")
+    report = {"missing": missing, "unexpected": list(result.unexpected_keys) + unknown}
+    log.info("imported mmseg checkpoint %s: %d missing, %d unexpected keys", path,
+             len(report["missing"]), len(report["unexpected"]))
+    return report

@@ -1,0 +1,137 @@
+"""The SETR encoder: timm's ViT-L/16 at the crop size, and its pretrained weights.
+
+The encoder is timm's own `VisionTransformer` (its `Block`s, `forward_intermediates` for
+the layer taps), configured as mmsegmentation's SETR backbone: class token, learned
+position embedding for the crop's grid, no final norm (each head normalises its input),
+dropout and drop-path 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from setr_lowmem.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# The weights the SETR paper starts from: ViT-L/16 pretrained on ImageNet-21k and
+# fine-tuned at 384 (a 24x24 position grid).
+DEFAULT_TIMM_WEIGHTS = "vit_large_patch16_384.augreg_in21k_ft_in1k"
+
+
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable or of another model."""
+
+
+def build_encoder(cfg: ModelConfig, img_size: int) -> VisionTransformer:
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        num_classes=0,
+        global_pool="",
+        final_norm=False,
+        # Evaluation at scales and window sizes other than the crop resamples the position
+        # embedding on the fly; at the crop size it is a no-op.
+        dynamic_img_size=True,
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a .pth/.pt/.bin or .safetensors file into a flat state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        sd = _torch_load(path)
+    except WeightsError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported with the file
+        raise WeightsError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from None
+    if isinstance(sd, dict):
+        for key in ("state_dict", "model", "module"):
+            if key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # mmseg checkpoints carry a `meta` dict with objects the safe unpickler refuses.
+        log.warning("%s holds more than tensors; loading it with the full unpickler (trusted files only)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_pretrained_encoder(encoder: VisionTransformer, source: str) -> dict[str, list[str]]:
+    """Load ViT weights into `encoder`, resizing the position grid to the crop's.
+
+    `source` is a local file or 'timm:<name>' (timm's usual pretrained download). The 24x24
+    position grid is resized bilinearly (align_corners False), the class-token position
+    kept, as mmseg's SETR does; the classifier and final norm are dropped. Returns and logs
+    the missing and unexpected keys; a file of another model is an error.
+    """
+    if source.startswith("timm:"):
+        import timm
+
+        name = source.removeprefix("timm:") or DEFAULT_TIMM_WEIGHTS
+        donor = timm.create_model(name, pretrained=True, num_classes=0)
+        sd = donor.state_dict()
+        where = f"timm model {name}"
+    elif source.endswith(".npz"):
+        return _load_npz(encoder, source)
+    else:
+        sd = read_state_dict(source)
+        where = str(source)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "norm.", "fc_norm."))}
+    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
+        raise WeightsError(f"{where} is not a timm ViT state dict (no pos_embed / patch_embed.proj.weight)")
+    sd = checkpoint_filter_fn(sd, encoder, interpolation="bilinear", antialias=False, align_corners=False)
+    target = encoder.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+             for k, v in sd.items() if k in target and v.shape != target[k].shape]
+    if wrong:
+        raise WeightsError(f"{where} is of another model: shape mismatch {wrong[0]}"
+                           + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    result = encoder.load_state_dict(sd, strict=False)
+    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+    if len(report["missing"]) > len(target) // 2:
+        raise WeightsError(f"{where} is of another model: {len(report['missing'])} of {len(target)} "
+                           f"encoder keys missing, e.g. {report['missing'][0]}")
+    log.info("loaded encoder weights from %s: %d missing, %d unexpected keys%s", where,
+             len(report["missing"]), len(report["unexpected"]),
+             f" (missing: {report['missing'][:4]})" if report["missing"] else "")
+    return report
+
+
+def _load_npz(encoder: VisionTransformer, path: str) -> dict[str, list[str]]:
+    """Google's JAX/big_vision .npz: timm's own reader, which also resizes the position grid
+    bilinearly (antialias off, align_corners False) and skips the final norm we do not have."""
+    from timm.models.vision_transformer import _load_weights
+
+    if not Path(path).is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        _load_weights(encoder, path)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise WeightsError(f"{path} is not ViT weights of this geometry: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0]}") from None
+    log.info("loaded encoder weights from %s (timm's npz reader: every encoder tensor found)", path)
+    return {"missing": [], "unexpected": []}

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny SETR configs that build and run on the CPU in milliseconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# DeepSpeed picks its accelerator at import; on machines without a GPU it must be told.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from setr_lowmem.config import Config, config_from_dict  # noqa: E402
+
+TINY_MODEL = dict(embed_dim=32, depth=2, num_heads=2, head_channels=16, mla_channels=8,
+                  out_indices=[0, 0, 1, 1], pretrained="", mmseg_checkpoint="")
+
+
+def tiny_config(decoder: str = "pup", **sections) -> Config:
+    """A 2-block, 32-wide SETR on 64x64 crops of the built-in dataset; `sections` override per section."""
+    data = dict(dataset="synthetic", num_classes=5, crop=64, base_scale=[128, 64], num_workers=0,
+                synthetic=dict(num_train=16, num_val=4, size=64, seed=0))
+    raw = dict(
+        name=f"tiny_{decoder}",
+        model=dict(TINY_MODEL, decoder=decoder),
+        data=data,
+        optim=dict(lr=0.01),
+        schedule=dict(iters=4),
+        memory=dict(checkpointing="none", precision="fp32", attention="sdpa"),
+        train=dict(total_batch=2, micro_batch=2, log_every=1, val_every=0, ckpt_every=0),
+        eval=dict(mode="slide", crop=64, stride=48),
+    )
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return config_from_dict(raw, "tiny_config")
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
