@@ -123,6 +123,8 @@ class DataConfig:
     """hf datasets: the image column."""
     label_column: str = "label"
     """hf datasets: the label-map column."""
+    reduce_zero_label: bool = False
+    """hf datasets: map stored label 0 to 255 (ignored) and k to k-1; the official layouts set this themselves."""
     num_workers: int = 2
     """DataLoader worker processes."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

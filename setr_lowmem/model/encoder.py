@@ -28,8 +28,27 @@ class WeightsError(ValueError):
     """A weights file that is missing, unreadable or of another model."""
 
 
-def build_encoder(cfg: ModelConfig, img_size: int) -> VisionTransformer:
-    return VisionTransformer(
+class TappedViT(VisionTransformer):
+    """timm's VisionTransformer whose forward returns the outputs of the tapped blocks.
+
+    The outputs are NCHW maps of the patch tokens (class token dropped), taken after each
+    block in `taps` without any norm, via timm's `forward_intermediates`. Being the
+    module's `forward` matters beyond style: wrappers that act on module calls (DeepSpeed
+    ZeRO-3 gathering the class token and position embedding, FSDP) see the encoder run.
+    """
+
+    def __init__(self, taps: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.taps = sorted(set(taps))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_intermediates(x, indices=self.taps, norm=False, stop_early=True,
+                                          output_fmt="NCHW", intermediates_only=True)
+
+
+def build_encoder(cfg: ModelConfig, img_size: int) -> TappedViT:
+    return TappedViT(
+        taps=cfg.out_indices,
         img_size=img_size,
         patch_size=cfg.patch_size,
         embed_dim=cfg.embed_dim,

@@ -41,10 +41,7 @@ class SETR(nn.Module):
         return [self.decode_head, *self.auxiliary_head]
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        taps = sorted(set(self.out_indices))
-        maps = self.encoder.forward_intermediates(
-            images, indices=taps, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True)
-        by_layer = dict(zip(taps, maps))
+        by_layer = dict(zip(self.encoder.taps, self.encoder(images)))
         inputs = [by_layer[i] for i in self.out_indices]
         return self.neck(inputs) if self.neck is not None else inputs
 

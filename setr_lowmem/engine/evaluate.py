@@ -1,0 +1,159 @@
+"""Inference (whole image or sliding window, multi-scale and flip) and confusion-matrix mIoU.
+
+The protocol is mmsegmentation's: resize the image to the base scale (x each test ratio)
+keeping its aspect ratio, run the model on the whole image or on crop-sized windows at the
+configured stride (overlapping logits averaged), resize the logits back to the original
+image, average the softmax probabilities over scales and flips, and compare the argmax with
+the original-size label. IoU of a class that is neither labelled nor predicted is NaN and
+left out of the mean, as in mmseg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from setr_lowmem.config import Config
+from setr_lowmem.data.loader import EvalSet, eval_inputs
+from setr_lowmem.data.sources import IGNORE, Source, open_source
+from setr_lowmem.engine.loss import resize_to
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    ph, pw = max(h - x.shape[-2], 0), max(w - x.shape[-1], 0)
+    return F.pad(x, [0, pw, 0, ph]) if ph or pw else x
+
+
+def whole_logits(predict: Predict, image: torch.Tensor, patch: int = 16) -> torch.Tensor:
+    """The whole (normalised) image at once; padded to a multiple of the patch size, then cropped back."""
+    h, w = image.shape[-2:]
+    padded = _pad_to(image, math.ceil(h / patch) * patch, math.ceil(w / patch) * patch)
+    logits = resize_to(predict(padded), padded.shape[-2:])
+    return logits[..., :h, :w]
+
+
+def slide_logits(predict: Predict, image: torch.Tensor, num_classes: int, crop: int, stride: int,
+                 batch: int = 4) -> torch.Tensor:
+    """mmseg's slide inference: windows of `crop` every `stride`, the last one flush with the edge,
+    overlapping logits averaged. An image smaller than the window is padded with 0 (the mean)."""
+    h, w = image.shape[-2:]
+    padded = _pad_to(image, crop, crop)
+    ph, pw = padded.shape[-2:]
+    rows = max(ph - crop + stride - 1, 0) // stride + 1
+    cols = max(pw - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, ph), min(c * stride + crop, pw)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    out = padded.new_zeros((padded.shape[0], num_classes, ph, pw), dtype=torch.float32)
+    count = padded.new_zeros((1, 1, ph, pw), dtype=torch.float32)
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i:i + batch]
+        windows = torch.cat([padded[..., y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        logits = resize_to(predict(windows), (crop, crop)).float()
+        for j, (y1, y2, x1, x2) in enumerate(chunk):
+            n = padded.shape[0]
+            out[..., y1:y2, x1:x2] += logits[j * n:(j + 1) * n]
+            count[..., y1:y2, x1:x2] += 1
+    return (out / count)[..., :h, :w]
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """Class probabilities (C x H x W, at the image's original size) averaged over scales and flips."""
+    h, w = image.shape[:2]
+    e, classes = cfg.eval, cfg.data.num_classes
+    dtype = next(model.parameters()).dtype
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return model.predict(x.to(dtype))
+
+    total = torch.zeros((classes, h, w), device=device)
+    views = 0
+    for x in eval_inputs(image, cfg.data, e.scales):
+        x = x[None].to(device)
+        for flip in ([False, True] if e.flip else [False]):
+            xi = x.flip(-1) if flip else x
+            if e.mode == "slide":
+                logits = slide_logits(predict, xi, classes, e.crop, e.stride)
+            else:
+                logits = whole_logits(predict, xi, cfg.model.patch_size)
+            if flip:
+                logits = logits.flip(-1)
+            total += resize_to(logits.float(), (h, w))[0].softmax(0)
+            views += 1
+    return total / views
+
+
+def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rows: ground truth, columns: prediction; ignored pixels left out."""
+    keep = label != IGNORE
+    idx = label[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu().double()
+
+
+def metrics_from_confusion(cm: torch.Tensor) -> dict[str, float | list[float]]:
+    """aAcc, mIoU, mAcc (percent) and per-class IoU/Acc (NaN for classes absent from labels and predictions)."""
+    cm = cm.double()
+    tp, gt, pred = cm.diag(), cm.sum(1), cm.sum(0)
+    union = gt + pred - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    acc = torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, float("nan")))
+    return {
+        "aAcc": 100 * float(tp.sum() / cm.sum().clamp_min(1)),
+        "mIoU": 100 * float(iou.nanmean()),
+        "mAcc": 100 * float(acc.nanmean()),
+        "IoU": [100 * float(v) for v in iou],
+        "Acc": [100 * float(v) for v in acc],
+    }
+
+
+def evaluate(model: nn.Module, cfg: Config, device: torch.device, source: Source | None = None,
+             max_images: int = 0, rank: int = 0, world: int = 1,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             progress: Callable[[int], None] | None = None) -> dict:
+    """mIoU of `model` on the validation split (this process's share; `reduce` sums the matrices)."""
+    source = source or open_source(cfg.data, cfg.data.val_split)
+    images = EvalSet(source, cfg.data, max_images)
+    was_training = model.training
+    model.eval()
+    classes = cfg.data.num_classes
+    cm = torch.zeros((classes, classes), dtype=torch.float64)
+    try:
+        for i in range(rank, len(images), world):
+            image, label, _ = images[i]
+            probs = predict_probs(model, image, cfg, device, autocast)
+            cm += confusion_matrix(probs.argmax(0).cpu(), torch.from_numpy(label), classes)
+            if progress:
+                progress(1)
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        cm = reduce(cm.to(device)).cpu()
+    out = metrics_from_confusion(cm)
+    out["images"] = len(images)
+    return out
+
+
+def format_table(metrics: dict, class_names: list[str] | None = None) -> str:
+    """Per-class IoU/Acc table followed by the summary line."""
+    names = class_names or [str(i) for i in range(len(metrics["IoU"]))]
+    width = max(8, max(len(n) for n in names))
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    for name, iou, acc in zip(names, metrics["IoU"], metrics["Acc"]):
+        lines.append(f"{name:<{width}}  {iou:6.2f}  {acc:6.2f}")
+    lines.append(f"aAcc {metrics['aAcc']:.2f}  mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}"
+                 f"  ({metrics['images']} images)")
+    return "\n".join(lines)
