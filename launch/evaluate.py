@@ -1,0 +1,52 @@
+"""Evaluate a trained SETR: `python launch/evaluate.py --cfg pup_ade20k.yaml --checkpoint PATH`.
+
+PATH is an exported `model.safetensors` or a checkpoint directory (ZeRO ones included).
+Prints the per-class table and aAcc / mIoU / mAcc, and writes them as JSON. `--ms-flip`
+uses the paper's multi-scale (0.5 ... 1.75) and flip protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not __import__("torch").cuda.is_available() else "cuda")
+
+from setr_lowmem.cli import run_main  # noqa: E402
+
+MS_SCALES = "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--ms-flip", action="store_true", help="multi-scale 0.5..1.75 and flip")
+    parser.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
+    parser.add_argument("--max-images", type=int, default=0)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from setr_lowmem.config import load_config
+    from setr_lowmem.engine.evaluate import evaluate, format_table
+    from setr_lowmem.engine.inference import load_trained
+
+    overrides = list(args.overrides) + ([f"eval.scales={MS_SCALES}", "eval.flip=true"] if args.ms_flip else [])
+    cfg = load_config(args.cfg, overrides)
+    model, autocast = load_trained(cfg, args.checkpoint)
+    device = next(model.parameters()).device
+    metrics = evaluate(model, cfg, device, max_images=args.max_images, autocast=autocast)
+    print(format_table(metrics))
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
+    out.write_text(json.dumps({"config": str(args.cfg), "checkpoint": str(ckpt), "scales": cfg.eval.scales,
+                               "flip": cfg.eval.flip, "mode": cfg.eval.mode, **metrics}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,51 @@
+"""Train SETR: `accelerate launch launch/train.py --cfg pup_ade20k.yaml [key.sub=value ...]`.
+
+Also runs as plain `python launch/train.py ...`. `--resume auto` continues from the newest
+complete checkpoint of the run; `--resume PATH` from a given one. `--auto-fit GIB` first
+picks the fastest memory plan that fits that budget (see `python -m setr_lowmem.plan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
+
+from setr_lowmem.cli import fail, run_main  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="config file; a bare name is looked up in configs/")
+    parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N iterations")
+    parser.add_argument("--auto-fit", type=float, default=None, metavar="GIB",
+                        help="choose micro-batch/checkpointing/8-bit/offload to fit GIB of GPU memory")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 train.micro_batch=4")
+    args = parser.parse_args()
+
+    from setr_lowmem.config import load_config
+    from setr_lowmem.engine.train import train
+
+    cfg = load_config(args.cfg, args.overrides)
+    if args.auto_fit is not None:
+        from setr_lowmem.plan import auto_fit
+
+        cfg = auto_fit(cfg, args.auto_fit)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    val = summary.get("val")
+    if val is not None:
+        print(f"final: iteration {summary['iteration']}, mIoU {val['mIoU']:.2f}, aAcc {val['aAcc']:.2f}, "
+              f"mAcc {val['mAcc']:.2f} on {val['images']} validation images; model in {summary['run_dir']}")
+    if summary.get("stopped_by"):
+        fail(f"stopped by {summary['stopped_by']} at iteration {summary['iteration']}; "
+             f"continue with --resume auto", code=130)
+
+
+if __name__ == "__main__":
+    run_main(main)

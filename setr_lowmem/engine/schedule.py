@@ -1,0 +1,46 @@
+"""The learning-rate schedule: mmseg's PolyLR per iteration, with an optional linear warmup.
+
+    lr(t) = (base_lr - min_lr) * (1 - t / T) ** power + min_lr
+
+for every parameter group with its own base lr (so heads decay from 10x the base lr to
+the same floor). mmengine computes this recursively step by step; the closed form is the
+same value. Warmup multiplies by a factor rising linearly from `warmup_ratio` to 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from setr_lowmem.config import ScheduleConfig
+
+
+def poly_lr(t: int, base_lr: float, cfg: ScheduleConfig) -> float:
+    """The lr of a group with base `base_lr` at iteration `t`."""
+    return _poly(t, base_lr, cfg.iters, cfg.power, cfg.min_lr, cfg.warmup_iters, cfg.warmup_ratio)
+
+
+def _poly(t: int, base_lr: float, iters: int, power: float, min_lr: float, warmup_iters: int,
+          warmup_ratio: float) -> float:
+    t = min(t, iters)
+    lr = (base_lr - min_lr) * (1 - t / iters) ** power + min_lr
+    if t < warmup_iters:
+        lr *= warmup_ratio + (1 - warmup_ratio) * t / warmup_iters
+    return lr
+
+
+class _Factor:
+    """lr factor of one group. Holds plain numbers only, so LambdaLR's state dict stays loadable
+    with `torch.load(weights_only=True)`."""
+
+    def __init__(self, base_lr: float, cfg: ScheduleConfig):
+        self.args = (float(base_lr), int(cfg.iters), float(cfg.power), float(cfg.min_lr),
+                     int(cfg.warmup_iters), float(cfg.warmup_ratio))
+
+    def __call__(self, t: int) -> float:
+        return _poly(t, *self.args) / self.args[0]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig) -> LambdaLR:
+    """A LambdaLR stepped once per iteration (after the optimizer step)."""
+    return LambdaLR(optimizer, lr_lambda=[_Factor(g["lr"], cfg) for g in optimizer.param_groups])
