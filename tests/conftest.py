@@ -8,6 +8,10 @@ import pytest
 
 # DeepSpeed picks its accelerator at import; on machines without a GPU it must be told.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed JIT-builds its CPU communication op on first use (about 30 s); keep the build for
+# every test process of this checkout instead of repeating it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache",
+                                                           "torch_extensions"))
 
 from setr_lowmem.config import Config, config_from_dict  # noqa: E402
 

@@ -29,7 +29,8 @@ from setr_lowmem.engine.schedule import build_scheduler
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
 from setr_lowmem.memory.deepspeed import check_deepspeed, deepspeed_config, prepare_single_process_env
 from setr_lowmem.memory.optim import build_optimizer, expected_optimizer_class
-from setr_lowmem.memory.precision import apply_attention_kernel, autocast_factory, input_dtype
+from setr_lowmem.memory.precision import (apply_attention_kernel, apply_fp32_batchnorm, autocast_factory,
+                                          input_dtype)
 from setr_lowmem.model import build_setr
 from setr_lowmem.profiler import MemoryMeter, fit_line
 
@@ -162,6 +163,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             log.info("BatchNorm synchronised across %d processes", world)
         else:
             log.warning("train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm statistics stay per process")
+    if cfg.memory.precision == "bf16_weights":
+        apply_fp32_batchnorm(model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     train_module, optimizer = accelerator.prepare(train_module, optimizer)
@@ -269,8 +272,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             final = state.iteration == cfg.schedule.iters
             if (cfg.train.val_every and state.iteration % cfg.train.val_every == 0) or final:
                 summary["val"] = _validate(accelerator, unwrapped, cfg, device, autocast, state.iteration)
-            if ((cfg.train.ckpt_every and state.iteration % cfg.train.ckpt_every == 0) or final
-                    or state.iteration == stop_at or signals.stop):
+            # a checkpoint is written only after a good step: never in the middle of a run of non-finite losses
+            if not bad and ((cfg.train.ckpt_every and state.iteration % cfg.train.ckpt_every == 0) or final
+                            or state.iteration == stop_at or signals.stop):
                 ckpt.save_checkpoint(accelerator, run_dir, state.iteration, cfg,
                                      {"loss": last_loss, "data": stream_state(state.iteration, cfg.train.total_batch,
                                                                               cfg.train.seed, len(source))},
@@ -278,8 +282,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
 
     progress.close()
     if state.iteration == cfg.schedule.iters and accelerator.is_main_process:
-        final_ckpt = ckpt.checkpoint_dir(run_dir) / f"iter_{state.iteration:07d}"
-        out = ckpt.export_fp32(final_ckpt, run_dir / "model.safetensors")
+        out = ckpt.export_fp32(ckpt.list_checkpoints(run_dir)[-1], run_dir / "model.safetensors")
         log.info("exported the fp32 model to %s", out)
     accelerator.wait_for_everyone()
     peaks = meter.peaks()

@@ -44,3 +44,38 @@ def apply_attention_kernel(model: nn.Module, kind: str) -> int:
             n += 1
     log.info("attention: %s in %d blocks", kind, n)
     return n
+
+
+def _fp32_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm computed in float32 on a bf16 input with bf16 weights; the output keeps the input dtype."""
+    weight, bias = self.weight.float(), self.bias.float()
+    momentum = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+    sync = (isinstance(self, nn.SyncBatchNorm) and self.training and torch.distributed.is_available()
+            and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+    if sync:
+        from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFn
+
+        group = self.process_group or torch.distributed.group.WORLD
+        out = SyncBatchNormFn.apply(x.float(), weight, bias, self.running_mean, self.running_var, self.eps, momentum,
+                                    group, torch.distributed.get_world_size(group))
+    else:
+        out = torch.nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias,
+                                             self.training, momentum, self.eps)
+    return out.to(x.dtype)
+
+
+def apply_fp32_batchnorm(model: nn.Module) -> int:
+    """Under bf16 weights (DeepSpeed casts every parameter, but keeps the fp32 running statistics),
+    compute each BatchNorm in float32: bf16 statistics lose precision, and the kernels refuse a bf16
+    weight next to fp32 running statistics. Returns the number of layers changed."""
+    import types
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
+            module.forward = types.MethodType(_fp32_batch_norm, module)
+            n += 1
+    log.info("BatchNorm in float32 under bf16 weights: %d layers", n)
+    return n

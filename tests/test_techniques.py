@@ -1,0 +1,186 @@
+"""Each memory technique does what it claims: recomputation happens, memory shrinks,
+accumulation equals the full batch, the schedule is mmseg's, the optimizer is the paper's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils.flop_counter import FlopCounterMode
+
+from setr_lowmem.engine.loss import SegmentationLoss
+from setr_lowmem.engine.schedule import build_scheduler, poly_lr
+from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
+from setr_lowmem.memory.optim import build_optimizer, optimizer_state_bytes, param_groups
+from setr_lowmem.memory.precision import apply_attention_kernel
+from setr_lowmem.model import build_setr
+from tests.conftest import tiny_config
+
+
+def train_module(policy: str, decoder: str = "pup", seed: int = 0, **model) -> SegmentationLoss:
+    torch.manual_seed(seed)
+    cfg = tiny_config(decoder, model=dict(depth=4, out_indices=[0, 1, 2, 3], **model),
+                      memory=dict(checkpointing=policy))
+    module = SegmentationLoss(build_setr(cfg), cfg.loss)
+    apply_activation_checkpointing(module, cfg.memory)
+    return module
+
+
+def batch(n: int = 2, size: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 5, (n, size, size), generator=g)
+
+
+def total_flops(module, images, labels) -> int:
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = module(images, labels)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def peak_activations(module, images, labels) -> int:
+    """Peak bytes of activations over forward + backward, as PyTorch's MemTracker attributes them."""
+    tracker = MemTracker()
+    tracker.track_external(module)
+    with tracker:
+        loss, _ = module(images, labels)
+        loss.backward()
+    peak = tracker.get_tracker_snapshot("peak")
+    return sum(stats[_MemRefType.ACT] for stats in peak.values())
+
+
+@pytest.mark.parametrize("decoder", ["pup", "mla"])
+def test_checkpointing_recomputes_and_saves_memory(decoder):
+    images, labels = batch()
+    flops = {p: total_flops(train_module(p, decoder), images, labels) for p in ("none", "selective", "blocks", "full")}
+    kept = {p: peak_activations(train_module(p, decoder), images, labels)
+            for p in ("none", "selective", "blocks", "full")}
+    # recomputation shows up as extra forward FLOPs in backward ...
+    assert flops["blocks"] > flops["none"] and flops["full"] > flops["blocks"]
+    # ... except under the selective policy, which keeps every matmul and attention output
+    assert flops["selective"] == flops["none"]
+    # and the activations alive at the peak shrink accordingly
+    assert kept["none"] > kept["selective"] > kept["blocks"] > kept["full"], kept
+    assert kept["full"] < 0.5 * kept["none"], kept
+
+
+@pytest.mark.parametrize("policy", ["blocks", "selective", "full"])
+def test_checkpointing_leaves_loss_and_gradients_unchanged(policy):
+    images, labels = batch()
+    ref, ckpt = train_module("none"), train_module(policy)
+    losses = []
+    for module in (ref, ckpt):
+        loss, _ = module(images, labels)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    grads_ref = {n: p.grad for n, p in ref.model.named_parameters()}
+    for n, p in ckpt.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_ref[n.replace("_checkpoint_wrapped_module.", "")], msg=n)
+    # the state dict is the model's own: checkpoints load either way
+    assert ckpt.model.state_dict().keys() == ref.model.state_dict().keys()
+
+
+def test_every_k_blocks_wraps_one_in_k():
+    cfg = tiny_config("pup", model=dict(depth=4, out_indices=[0, 1, 2, 3]), memory=dict(checkpointing="blocks", every_k=2))
+    module = SegmentationLoss(build_setr(cfg), cfg.loss)
+    assert apply_activation_checkpointing(module, cfg.memory)["blocks"] == 2
+    kinds = [type(b).__name__ for b in module.model.encoder.blocks]
+    assert kinds == ["Block", "CheckpointWrapper", "Block", "CheckpointWrapper"]
+
+
+def test_eager_and_sdpa_attention_agree():
+    images, labels = batch()
+    a, b = train_module("none"), train_module("none")
+    apply_attention_kernel(a.model, "eager")
+    assert apply_attention_kernel(b.model, "sdpa") == 4
+    torch.testing.assert_close(a(images, labels)[0], b(images, labels)[0])
+
+
+@pytest.fixture
+def fresh_accelerate():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accumulation_equals_the_full_batch(fresh_accelerate):
+    """4 micro-batches of 2 through accelerate's accumulation == one batch of 8 (BatchNorm in eval mode)."""
+    images, labels = batch(8)
+    full = train_module("none").eval()
+    accum = copy.deepcopy(full)
+    loss, _ = full(images, labels)
+    loss.backward()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    prepared = accelerator.prepare(accum)
+    for k in range(4):
+        with accelerator.accumulate(prepared):
+            micro_loss, _ = prepared(images[2 * k:2 * k + 2], labels[2 * k:2 * k + 2])
+            accelerator.backward(micro_loss)
+    for (n, p), q in zip(full.named_parameters(), accum.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_poly_schedule_matches_mmseg_at_several_iterations():
+    cfg = tiny_config("pup", schedule=dict(iters=1000, power=0.9, min_lr=1e-4), optim=dict(lr=0.01, head_lr_mult=10.0))
+    model = build_setr(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.schedule)
+    # mmengine's PolyLR updates recursively: lr_t = (lr_{t-1} - eta_min) * (1 - 1/(T - t + 1))^p + eta_min
+    recursive = {g["name"]: g["lr"] for g in opt.param_groups}
+    for t in range(1, 1001):
+        opt.step()
+        sched.step()
+        for g in opt.param_groups:
+            prev = recursive[g["name"]]
+            recursive[g["name"]] = (prev - 1e-4) * (1 - 1 / (1000 - t + 1)) ** 0.9 + 1e-4
+            if t in (1, 10, 250, 500, 999, 1000):
+                base = 0.1 if g["name"].startswith("head") else 0.01
+                closed = (base - 1e-4) * (1 - t / 1000) ** 0.9 + 1e-4
+                assert g["lr"] == pytest.approx(closed, rel=1e-12)
+                assert g["lr"] == pytest.approx(recursive[g["name"]], rel=1e-9)
+                assert poly_lr(t, base, cfg.schedule) == pytest.approx(closed, rel=1e-12)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-4)] * len(opt.param_groups)
+
+
+def test_warmup_rises_linearly_then_follows_poly():
+    cfg = tiny_config("pup", schedule=dict(iters=100, warmup_iters=10, warmup_ratio=0.1))
+    assert poly_lr(0, 1.0, cfg.schedule) == pytest.approx(0.1)
+    assert poly_lr(5, 1.0, cfg.schedule) == pytest.approx(((1 - 1e-4) * 0.95 ** 0.9 + 1e-4) * 0.55)
+    assert poly_lr(10, 1.0, cfg.schedule) == pytest.approx((1 - 1e-4) * 0.9 ** 0.9 + 1e-4)
+
+
+def test_head_parameters_get_ten_times_the_lr():
+    cfg = tiny_config("mla", optim=dict(lr=0.002))
+    model = build_setr(cfg)
+    groups = {g["name"]: g for g in param_groups(model, cfg.optim)}
+    assert set(groups) == {"encoder", "head"} and groups["head"]["lr"] == pytest.approx(0.02)
+    head_ids = {id(p) for p in groups["head"]["params"]}
+    for name, p in model.named_parameters():
+        # mmseg's custom_keys match 'head' in the name: decode and aux heads; the MLA neck is not one
+        assert (id(p) in head_ids) == name.startswith(("decode_head.", "auxiliary_head.")), name
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_eight_bit_states_are_a_quarter_of_thirty_two_bit(name):
+    """bitsandbytes keeps one byte per value (plus small block scales); small tensors stay 32-bit."""
+    sizes = {}
+    for bits in (32, 8):
+        cfg = tiny_config("pup", model=dict(embed_dim=128, num_heads=4, head_channels=64),
+                          optim=dict(name=name, bits=bits, lr=1e-3))
+        module = train_module("none")
+        module = SegmentationLoss(build_setr(cfg), cfg.loss)
+        opt = build_optimizer(module.model, cfg.optim)
+        loss, _ = module(*batch())
+        loss.backward()
+        opt.step()
+        sizes[bits] = optimizer_state_bytes(opt)
+    total32 = sum(sizes[32].values())
+    total8 = sum(sizes[8].values())
+    assert sizes[8]["8bit"] > 0 and sizes[32]["8bit"] == 0
+    assert 0.2 < total8 / total32 < 0.35, (total8, total32)
