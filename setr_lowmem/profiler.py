@@ -72,3 +72,135 @@ def fit_line(p: Peaks, card_gib: float = 24.0, cuda: bool = True) -> str:
                else f"needs {need - card_gib:.1f} GiB more than a {card_gib:g} GB card")
     return (f"peak {p.reserved:.1f} GiB reserved ({p.allocated:.1f} allocated), {p.device:.1f} GiB on the device, "
             f"host {p.host_rss:.1f} GiB: {verdict}")
+
+
+# ---- breakdown by category and phase (PyTorch's MemTracker) --------------------------------
+
+CATEGORY_NAMES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Optstate": "optimizer",
+                  "Activation": "activations", "Temp": "temporaries", "Other": "other"}
+
+
+@dataclass
+class Breakdown:
+    """Peak memory (GiB) by category at the step's peak, and each phase's peak with its categories."""
+
+    peak: float
+    categories: dict[str, float]
+    phases: dict[str, dict[str, float]]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gib_snapshot(snapshot: dict) -> dict[str, float]:
+    """MemTracker's {device: {reftype: bytes}} summed over devices, in GiB, with our category names."""
+    out = {name: 0.0 for name in CATEGORY_NAMES.values()}
+    total = 0.0
+    for stats in snapshot.values():
+        for key, value in stats.items():
+            name = getattr(key, "value", key)
+            if name == "Total":
+                total += value / GIB
+            elif name in CATEGORY_NAMES:
+                out[CATEGORY_NAMES[name]] += value / GIB
+    out["total"] = total
+    return out
+
+
+def breakdown_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, forward_backward, optimizer_step) -> Breakdown:
+    """Run one training step under `torch.distributed._tools.mem_tracker.MemTracker`.
+
+    `forward_backward()` and `optimizer_step()` run the two halves of the step. Forward and
+    backward peaks come from the tracker's per-module states of `module` (the root it sees);
+    the optimizer step is tracked by a second tracker that starts from the tensors then alive.
+    Works on the CPU and on CUDA (not under DeepSpeed, which manages its own buffers).
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+
+    tracker = MemTracker()
+    tracker.track_external(module, optimizer)
+    with tracker:
+        forward_backward()
+    root = next((s for m, s in tracker.memory_tracking.items() if m is module), None)
+    phases = {}
+    if root is not None:
+        for phase, state in (("forward", _ModState.PEAK_FW), ("backward", _ModState.PEAK_BW)):
+            snaps = root.snapshots.get(state)
+            if snaps:
+                phases[phase] = _gib_snapshot(snaps[-1])
+    step_tracker = MemTracker()
+    step_tracker.track_external(module, optimizer)
+    with step_tracker:
+        optimizer_step()
+    phases["optimizer step"] = _gib_snapshot(step_tracker.get_tracker_snapshot("peak"))
+    overall = _gib_snapshot(tracker.get_tracker_snapshot("peak"))
+    if phases["optimizer step"]["total"] > overall["total"]:
+        overall = phases["optimizer step"]
+    peak = overall.pop("total")
+    return Breakdown(peak=peak, categories=overall, phases=phases)
+
+
+def record_snapshot(step, path: str) -> str:
+    """Run `step()` with CUDA allocation history recorded and dump a snapshot for
+    https://pytorch.org/memory_viz (PyTorch's memory visualiser)."""
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.memory._dump_snapshot(path)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return path
+
+
+def memory_timeline_png(step, path: str, device: torch.device, title: str = "") -> str:
+    """Profile `step()` with PyTorch's memory profiler and draw its timeline by category as a PNG."""
+    import json
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    dev = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        prof.export_memory_timeline(tmp.name, device=dev)
+        times, sizes = json.load(open(tmp.name))
+    times = (np.array(times) - min(times)) / 1e3
+    sizes = np.array(sizes, dtype=float) / GIB
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    order = sorted(_CATEGORY_TO_INDEX.items(), key=lambda kv: kv[1])
+    ax.stackplot(times, *[sizes[:, i + 1] for _, i in order],
+                 labels=["unknown" if c is None else c.name.lower() for c, _ in order])
+    ax.set_xlabel("time in the step (ms)")
+    ax.set_ylabel("GiB")
+    ax.set_title(title or "memory over one training step")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def timeline_peak(step, device: torch.device) -> float:
+    """Peak (GiB) of PyTorch's profiler memory timeline over `step()`: an independent check of MemTracker."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    dev = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        prof.export_memory_timeline(tmp.name, device=dev)
+        _, sizes = json.load(open(tmp.name))
+    return max(sum(s) for s in sizes) / GIB

@@ -1,0 +1,190 @@
+"""Peak memory and speed of SETR-PUP training as each memory technique is added in turn.
+
+    python benchmarks/memory.py                     # ADE20K geometry on the GPU (tiny model on a CPU)
+    python benchmarks/memory.py --cap-gib 24        # emulate a 24 GB card
+    python benchmarks/memory.py --batches 8 16 --steps 5 --rows naive bf16 full
+
+Rows, each adding one technique to the one before: naive (fp32, eager attention, no
+checkpointing, as the original code ran), bf16 autocast, SDPA attention, every encoder block
+checkpointed, each head checkpointed with its loss, 8-bit SGD; then ZeRO-2 and ZeRO-3 with
+CPU offload (on top of the head-and-loss row, with the paper's torch SGD offloaded). Each row
+runs at every micro-batch (random data; the median step after the first is timed). For each:
+peak allocated / reserved / device-level, host RSS, the breakdown by category (PyTorch's
+MemTracker), images per second, and MFU from FLOPs counted with torch.utils.flop_counter.
+Writes Markdown, CSV, JSON and a PNG chart named by GPU and date under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from setr_lowmem.config import load_config  # noqa: E402
+from setr_lowmem.measure import build_step, measure, set_memory_cap  # noqa: E402
+from setr_lowmem.profiler import memory_timeline_png, record_snapshot  # noqa: E402
+
+# (row name, overrides added to everything before it)
+ROWS = [
+    ("naive", ["memory.precision=fp32", "memory.attention=eager", "memory.checkpointing=none", "optim.bits=32"]),
+    ("bf16", ["memory.precision=bf16"]),
+    ("sdpa", ["memory.attention=sdpa"]),
+    ("blocks", ["memory.checkpointing=blocks", "memory.every_k=1"]),
+    ("head+loss", ["memory.checkpointing=full"]),
+    ("8-bit SGD", ["optim.bits=8"]),
+    ("ZeRO-2 offload", ["optim.bits=32", "memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]),
+    ("ZeRO-3 offload", ["memory.deepspeed.stage=3", "memory.deepspeed.offload_params=true"]),
+]
+TINY = ["model.embed_dim=64", "model.depth=4", "model.num_heads=4", "model.out_indices=[0,1,2,3]",
+        "model.head_channels=32", "data.crop=64"]
+
+
+def row_overrides(upto: str) -> list[str]:
+    out = []
+    for name, extra in ROWS:
+        out += extra
+        if name == upto:
+            return out
+    raise SystemExit(f"unknown row {upto!r}; rows: {', '.join(n for n, _ in ROWS)}")
+
+
+def gpu_tag(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu-tiny"
+    return torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-")
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"
+
+
+def table(results: list[dict], cuda: bool) -> str:
+    head = ("| row | micro-batch | fits | peak alloc GiB | peak reserved GiB | device GiB | host RSS GiB | "
+            "params | grads | optimizer | activations | temporaries | img/s | MFU | note |")
+    lines = [head, "|" + "---|" * 15]
+    for r in results:
+        c = r["categories"]
+        lines.append("| " + " | ".join([
+            r["label"], str(r["micro_batch"]), "yes" if r["fits"] else "**no**", fmt(r["allocated"]),
+            fmt(r["reserved"]), fmt(r["device"]), fmt(r["host_rss"]),
+            *(fmt(c.get(k, float("nan")), 3) for k in ("params", "grads", "optimizer", "activations", "temporaries")),
+            fmt(r["img_s"], 1), (f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"), r["note"]]) + " |")
+    if not cuda:
+        lines.append("\nCPU run on a tiny model: peak alloc is MemTracker's tracked peak; reserved and device "
+                     "figures need a GPU.")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), dpi=100)
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    for label in labels:
+        rows = [r for r in results if r["label"] == label and r["fits"]]
+        if not rows:
+            continue
+        mem = [r["reserved"] if r["reserved"] == r["reserved"] else r["allocated"] for r in rows]
+        ax1.plot([r["micro_batch"] for r in rows], mem, marker="o", label=label)
+        ax2.plot([r["micro_batch"] for r in rows], [r["img_s"] for r in rows], marker="o", label=label)
+    for ax, ylabel in ((ax1, "peak memory (GiB)"), (ax2, "images / s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("micro-batch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", default="pup_ade20k.yaml")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="micro-batches (GPU: 1 2 4 8 16)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--cap-gib", type=float, default=None, help="emulate a card of this size")
+    parser.add_argument("--rows", nargs="+", default=[n for n, _ in ROWS])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the MemTracker pass (faster)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also draw a PNG of the memory timeline over one step of the last row that fitted")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="also dump a CUDA memory snapshot of that step (open it at https://pytorch.org/memory_viz)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    base = list(args.overrides) + ([] if cuda else TINY) + ["model.pretrained=", "data.num_workers=0"]
+    batches = args.batches or ([1, 2, 4, 8, 16] if cuda else [1, 2, 4])
+    if not cuda:
+        print("no GPU: running the same matrix on a tiny SETR-PUP on the CPU (64x64 crops, 4 blocks, 64 wide)")
+    set_memory_cap(args.cap_gib, device)
+    results = []
+    for name in args.rows:
+        failed_at = None
+        for mb in batches:
+            if failed_at is not None:
+                print(f"{name:>15} mb {mb:>3}: not run (micro-batch {failed_at} did not fit)")
+                continue
+            cfg = load_config(args.cfg, base + row_overrides(name) + [f"train.micro_batch={mb}",
+                                                                      f"train.total_batch={mb}"])
+            m = measure(cfg, label=name, steps=args.steps, device=device, breakdown=not args.no_breakdown,
+                        cap_gib=args.cap_gib).as_dict()
+            results.append(m)
+            print(f"{name:>15} mb {mb:>3}: " + (f"alloc {fmt(m['allocated'])} reserved {fmt(m['reserved'])} "
+                  f"device {fmt(m['device'])} host {fmt(m['host_rss'])} GiB, {fmt(m['img_s'], 1)} img/s"
+                  if m["fits"] else f"does not fit: {m['note']}"), flush=True)
+            if not m["fits"]:
+                failed_at = mb
+    date = datetime.date.today().isoformat()
+    stem = f"memory_{gpu_tag(device)}_{date}" + (f"_cap{args.cap_gib:g}" if args.cap_gib else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"SETR-PUP {args.cfg} on {gpu_tag(device)}" + (f", capped at {args.cap_gib:g} GiB" if args.cap_gib else "")
+             + f", {date}")
+    md = f"# {title}\n\n{table(results, cuda)}\n"
+    (out / f"{stem}.md").write_text(md)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        keys = [k for k in results[0] if k not in ("categories", "phases")] + \
+               ["params", "grads", "optimizer", "activations", "temporaries"]
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        for r in results:
+            writer.writerow([r[k] if k in r else r["categories"].get(k, "") for k in keys])
+    (out / f"{stem}.json").write_text(json.dumps({"title": title, "config": args.cfg, "overrides": base,
+                                                  "results": results}, indent=1))
+    chart(results, out / f"{stem}.png", title)
+    fitted = [r for r in results if r["fits"]]
+    if (args.timeline or args.snapshot) and fitted:
+        last = fitted[-1]
+        cfg = load_config(args.cfg, base + row_overrides(last["label"]) + [
+            f"train.micro_batch={last['micro_batch']}", f"train.total_batch={last['micro_batch']}"])
+        step = build_step(cfg, device)
+        step()  # optimizer states exist from here on
+        what = f"{last['label']}, micro-batch {last['micro_batch']}"
+        if args.timeline:
+            print("wrote", memory_timeline_png(step, str(out / f"{stem}_timeline.png"), device, f"one step: {what}"))
+        if args.snapshot and cuda:
+            print("wrote", record_snapshot(step, str(out / f"{stem}_snapshot.pickle")))
+    print("\n" + md)
+    print(f"wrote {out / stem}.md, .csv, .json, .png")
+
+
+if __name__ == "__main__":
+    main()

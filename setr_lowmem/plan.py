@@ -1,0 +1,150 @@
+"""Auto-fit: choose the fastest memory plan that fits a budget, keeping the effective batch.
+
+    python -m setr_lowmem.plan --cfg pup_ade20k.yaml --budget-gib 24
+    python launch/train.py --cfg pup_ade20k.yaml --auto-fit 24
+
+A plan is a micro-batch (a divisor of `train.total_batch`; accumulation makes up the rest),
+an activation-checkpointing policy, 32- or 8-bit optimizer states, and (on a GPU) ZeRO-2
+with the optimizer offloaded to the CPU. Every candidate is measured with a few real
+training steps (`setr_lowmem.measure`): for each technique set, micro-batches are tried from
+the largest down until one fits, and the fastest plan under the budget wins. The budget is
+checked against the device-level peak on a GPU (what the card must hold, CUDA context
+included) and against PyTorch's MemTracker peak on a CPU. accelerate's
+`find_executable_batch_size` only halves the batch until it fits; this chooses among
+techniques too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from setr_lowmem.config import Config, ConfigError, load_config
+from setr_lowmem.measure import Measurement, measure, set_memory_cap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    micro_batch: int
+    checkpointing: str
+    bits: int
+    offload: bool
+
+    def overrides(self, total_batch: int) -> list[str]:
+        out = [f"train.micro_batch={self.micro_batch}", f"memory.checkpointing={self.checkpointing}",
+               f"optim.bits={self.bits}"]
+        if self.offload:
+            out += ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]
+        return out
+
+    def describe(self, total_batch: int) -> str:
+        accum = total_batch // self.micro_batch
+        return (f"micro-batch {self.micro_batch} x {accum}, checkpointing {self.checkpointing}, {self.bits}-bit"
+                + (", ZeRO-2 offload" if self.offload else ""))
+
+
+def technique_sets(cfg: Config, cuda: bool) -> list[tuple[str, int, bool]]:
+    """(checkpointing, bits, offload), roughly from fastest to most frugal."""
+    out = []
+    for offload in ([False, True] if cuda else [False]):
+        for bits in (32, 8):
+            if offload and bits == 8:
+                continue  # offloaded states live on the host: 8-bit buys no GPU memory there
+            for policy in ("none", "selective", "blocks", "full"):
+                out.append((policy, bits, offload))
+    return out
+
+
+def apply_plan(cfg: Config, plan: Plan) -> Config:
+    mem = dataclasses.replace(cfg.memory, checkpointing=plan.checkpointing, every_k=1)
+    if plan.offload:
+        mem = dataclasses.replace(mem, deepspeed=dataclasses.replace(cfg.memory.deepspeed, stage=2,
+                                                                      offload_optimizer=True))
+    return dataclasses.replace(cfg, memory=mem, optim=dataclasses.replace(cfg.optim, bits=plan.bits),
+                               train=dataclasses.replace(cfg.train, micro_batch=plan.micro_batch))
+
+
+def peak_of(m: Measurement, cuda: bool) -> float:
+    return max(m.device, m.reserved) if cuda else m.allocated
+
+
+def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int | None = None,
+           device: torch.device | None = None, report=print) -> tuple[Plan | None, list[tuple[Plan, Measurement]]]:
+    """Measure candidate plans; return (fastest plan under the budget or None, every plan tried)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    total = cfg.train.total_batch
+    sizes = [b for b in range(total, 0, -1) if total % b == 0 and (max_micro_batch is None or b <= max_micro_batch)]
+    tried: list[tuple[Plan, Measurement]] = []
+    best: tuple[float, Plan] | None = None
+    set_memory_cap(budget_gib, device)  # a candidate over the budget fails fast instead of using the whole card
+    try:
+        _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report)
+    finally:
+        set_memory_cap(None, device)
+    for plan, m in tried:
+        if m.fits and (best is None or m.img_s > best[0]):
+            best = (m.img_s, plan)
+    return (best[1] if best else None), tried
+
+
+def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report) -> None:
+    total = cfg.train.total_batch
+    for policy, bits, offload in technique_sets(cfg, cuda):
+        for mb in sizes:
+            plan = Plan(mb, policy, bits, offload)
+            m = measure(apply_plan(cfg, plan), label=plan.describe(total), steps=steps, device=device,
+                        breakdown=not cuda, cap_gib=budget_gib if cuda else None)
+            fits = m.fits and peak_of(m, cuda) <= budget_gib
+            if m.fits and not fits:
+                m.note = m.note or f"peak {peak_of(m, cuda):.2f} GiB over the {budget_gib:g} GiB budget"
+            m.fits = fits
+            tried.append((plan, m))
+            report(f"  {plan.describe(total):<58} " + (f"peak {peak_of(m, cuda):6.2f} GiB  {m.img_s:7.1f} img/s"
+                                                       if fits else f"does not fit: {m.note}"))
+            if fits:
+                break  # smaller micro-batches of this technique set are slower
+
+
+def auto_fit(cfg: Config, budget_gib: float, steps: int = 3, report=print) -> Config:
+    """`cfg` with the fastest plan that fits `budget_gib` applied (an error if none fits)."""
+    report(f"auto-fit: trying plans for {cfg.name} within {budget_gib:g} GiB (effective batch {cfg.train.total_batch})")
+    plan, _ = search(cfg, budget_gib, steps=steps, report=report)
+    if plan is None:
+        raise ConfigError(f"no plan fits {budget_gib:g} GiB for {cfg.name}, even micro-batch 1 with full "
+                          "checkpointing and 8-bit states (and offload on a GPU); use a smaller crop or a larger budget")
+    report(f"chosen: {plan.describe(cfg.train.total_batch)}")
+    report("as overrides: " + " ".join(plan.overrides(cfg.train.total_batch)))
+    return apply_plan(cfg, plan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m setr_lowmem.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True)
+    parser.add_argument("--budget-gib", type=float, required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        print("no GPU: measuring on the CPU (budget checked against PyTorch's MemTracker peak)")
+    from setr_lowmem.cli import run_main
+
+    def run() -> None:
+        cfg = load_config(args.cfg, list(args.overrides) + ["model.pretrained="])
+        auto_fit(cfg, args.budget_gib, steps=args.steps)
+
+    run_main(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

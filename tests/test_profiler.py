@@ -1,0 +1,125 @@
+"""The profiler, the benchmark and the auto-fit planner, on the CPU with tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from setr_lowmem.config import load_config
+from setr_lowmem.measure import build_step, measure, train_flops_per_image
+from setr_lowmem.plan import apply_plan, search
+from setr_lowmem.profiler import Peaks, breakdown_step, fit_line, memory_timeline_png, timeline_peak
+from tests.helpers import run
+
+TINY = ["model.embed_dim=128", "model.depth=2", "model.num_heads=4", "model.out_indices=[0,0,1,1]",
+        "model.head_channels=32", "data.crop=64", "model.pretrained=", "data.num_workers=0"]
+
+
+def cfg(*extra: str, batch: int = 2):
+    return load_config("pup_ade20k", TINY + [f"train.micro_batch={batch}", f"train.total_batch={batch}", *extra])
+
+
+def test_categories_add_up_to_the_measured_total():
+    step = build_step(cfg("memory.precision=fp32", "memory.checkpointing=none"), torch.device("cpu"))
+    step()  # optimizer states exist
+    bd = breakdown_step(step.module, step.optimizer, step.forward_backward, step.optimizer_step)
+    assert sum(bd.categories.values()) == pytest.approx(bd.peak, rel=1e-9)
+    assert set(bd.phases) == {"forward", "backward", "optimizer step"}
+    for phase in bd.phases.values():
+        parts = {k: v for k, v in phase.items() if k != "total"}
+        assert sum(parts.values()) == pytest.approx(phase["total"], rel=1e-9)
+    params = sum(p.numel() * 4 for p in step.module.parameters()) / 2**30
+    assert bd.categories["params"] == pytest.approx(params, rel=1e-6)
+    assert bd.categories["optimizer"] == pytest.approx(params, rel=1e-6)  # SGD momentum: one fp32 copy
+    # PyTorch's other tracker (the profiler's memory timeline) measures the same step independently
+    independent = timeline_peak(step, torch.device("cpu"))
+    assert bd.peak == pytest.approx(independent, rel=0.15), (bd.peak, independent)
+
+
+def test_checkpointing_shrinks_the_activation_category():
+    none = measure(cfg("memory.checkpointing=none"), steps=2)
+    full = measure(cfg("memory.checkpointing=full"), steps=2)
+    assert full.categories["activations"] < 0.5 * none.categories["activations"]
+    assert full.allocated < none.allocated
+    assert full.phases["forward"]["activations"] < none.phases["forward"]["activations"]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_eight_bit_states_shrink_the_optimizer_category_about_4x(name):
+    lr = "optim.lr=0.001"
+    m32 = measure(cfg(f"optim.name={name}", "optim.bits=32", lr), steps=2)
+    m8 = measure(cfg(f"optim.name={name}", "optim.bits=8", lr), steps=2)
+    ratio = m32.categories["optimizer"] / m8.categories["optimizer"]
+    assert 3.0 < ratio < 4.5, ratio
+    assert m32.categories["params"] == m8.categories["params"]
+
+
+def test_flops_are_counted_not_typed_in():
+    """torch.utils.flop_counter on the meta device: SETR-PUP at 512 costs 2.95 TFLOP per training image."""
+    full = load_config("pup_ade20k", ["model.pretrained="])
+    assert train_flops_per_image(full) / 1e12 == pytest.approx(2.948, abs=0.01)
+    assert train_flops_per_image(load_config("pup_cityscapes", ["model.pretrained="])) > 2 * train_flops_per_image(full)
+
+
+def test_planner_picks_a_plan_that_runs_under_a_small_budget():
+    base = cfg(batch=4)
+    roomy = measure(apply_plan_args(base, 4, "none", 32), steps=2)
+    frugal = measure(apply_plan_args(base, 1, "full", 8), steps=2)
+    budget = (roomy.allocated + frugal.allocated) / 2  # GiB, between the two
+    lines = []
+    plan, tried = search(base, budget, steps=2, report=lines.append)
+    assert plan is not None and len(tried) >= 2 and len(lines) == len(tried)
+    assert any(not m.fits for _, m in tried)  # the roomiest plan is over the budget
+    again = measure(apply_plan(base, plan), steps=2)
+    assert again.allocated <= budget, (plan, again.allocated, budget)
+    assert 4 % plan.micro_batch == 0  # the effective batch is kept through accumulation
+
+
+def apply_plan_args(base, mb, policy, bits):
+    from setr_lowmem.plan import Plan
+
+    return apply_plan(base, Plan(mb, policy, bits, False))
+
+
+def test_planner_command_line_prints_every_plan_and_the_overrides():
+    proc = run([sys.executable, "-m", "setr_lowmem.plan", "--cfg", "test_tiny", "--budget-gib", "0.02", "--steps", "2"])
+    assert "no GPU: measuring on the CPU" in proc.stdout
+    assert "chosen: micro-batch" in proc.stdout and "as overrides: train.micro_batch=" in proc.stdout
+    assert proc.stdout.count(" GiB") >= 2
+
+
+def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    proc = run([sys.executable, "benchmarks/memory.py", "--rows", "naive", "head+loss", "ZeRO-2 offload",
+                "--batches", "1", "2", "--steps", "2", "--out", str(tmp_path), "--timeline"])
+    assert "no GPU: running the same matrix on a tiny SETR-PUP" in proc.stdout
+    files = sorted(p.name for p in tmp_path.iterdir())
+    stems = {f.rsplit(".", 1)[0] for f in files if not f.endswith("_timeline.png")}
+    assert len(stems) == 1 and next(iter(stems)).startswith("memory_cpu-tiny_")
+    assert {f.rsplit(".", 1)[1] for f in files} == {"md", "csv", "json", "png"}
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {(r["label"], r["micro_batch"]): r for r in data["results"]}
+    assert set(rows) == {(n, b) for n in ("naive", "head+loss", "ZeRO-2 offload") for b in (1, 2)}
+    for r in rows.values():
+        assert r["fits"] and r["img_s"] > 0 and r["tflop_per_img"] > 0
+    assert rows[("head+loss", 2)]["categories"]["activations"] < rows[("naive", 2)]["categories"]["activations"]
+    assert math.isnan(rows[("ZeRO-2 offload", 1)]["allocated"])  # no MemTracker breakdown under DeepSpeed
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert md.count("| naive |") == 2 and "CPU run on a tiny model" in md
+    assert (tmp_path / f"{next(iter(stems))}_timeline.png").stat().st_size > 1000
+
+
+def test_memory_timeline_png(tmp_path):
+    step = build_step(cfg(), torch.device("cpu"))
+    path = memory_timeline_png(step, str(tmp_path / "t.png"), torch.device("cpu"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_line_says_whether_a_card_holds_it():
+    assert fit_line(Peaks(allocated=14.0, reserved=15.8, device=16.4, host_rss=9.0)).endswith(
+        "fits a 24 GB card with 7.6 GiB to spare")
+    assert "needs 2.0 GiB more than a 24 GB card" in fit_line(Peaks(allocated=20, reserved=25, device=26, host_rss=1))
+    assert "no GPU" in fit_line(Peaks(host_rss=1.0), cuda=False)
