@@ -6,8 +6,9 @@
 
 Rows, each adding one technique to the one before: naive (fp32, eager attention, no
 checkpointing, as the original code ran), bf16 autocast, SDPA attention, every encoder block
-checkpointed, each head checkpointed with its loss, 8-bit SGD; then ZeRO-2 and ZeRO-3 with
-CPU offload (on top of the head-and-loss row, with the paper's torch SGD offloaded). Each row
+checkpointed, each head checkpointed with its loss, the classifier moved before the last
+upsample, the upsample fused into the cross-entropy, 8-bit SGD; then ZeRO-2 and ZeRO-3 with
+CPU offload (on top of the rows before 8-bit, with the paper's torch SGD offloaded). Each row
 runs at every micro-batch (random data; the median step after the first is timed). For each:
 peak allocated / reserved / device-level, host RSS, the breakdown by category (PyTorch's
 MemTracker), images per second, and MFU from FLOPs counted with torch.utils.flop_counter.
@@ -20,27 +21,30 @@ import argparse
 import csv
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+from setr_lowmem.cli import prepare_environment  # noqa: E402
+
+prepare_environment()
 from setr_lowmem.config import load_config  # noqa: E402
 from setr_lowmem.measure import build_step, measure, set_memory_cap  # noqa: E402
 from setr_lowmem.profiler import memory_timeline_png, record_snapshot  # noqa: E402
 
 # (row name, overrides added to everything before it)
 ROWS = [
-    ("naive", ["memory.precision=fp32", "memory.attention=eager", "memory.checkpointing=none", "optim.bits=32"]),
+    ("naive", ["memory.precision=fp32", "memory.attention=eager", "memory.checkpointing=none", "optim.bits=32",
+               "memory.classifier_first=false", "memory.fused_upsample_loss=false"]),
     ("bf16", ["memory.precision=bf16"]),
     ("sdpa", ["memory.attention=sdpa"]),
     ("blocks", ["memory.checkpointing=blocks", "memory.every_k=1"]),
     ("head+loss", ["memory.checkpointing=full"]),
+    ("classifier first", ["memory.classifier_first=true"]),
+    ("fused upsample+CE", ["memory.fused_upsample_loss=true"]),
     ("8-bit SGD", ["optim.bits=8"]),
     ("ZeRO-2 offload", ["optim.bits=32", "memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]),
     ("ZeRO-3 offload", ["memory.deepspeed.stage=3", "memory.deepspeed.offload_params=true"]),

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not __import__("torch").cuda.is_available() else "cuda")
+from setr_lowmem.cli import prepare_environment, run_main  # noqa: E402
 
-from setr_lowmem.cli import run_main  # noqa: E402
+prepare_environment()
 
 MS_SCALES = "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]"
 

@@ -8,14 +8,13 @@ the image) and OUT_DIR/<name>_label.png (the class map), using the config's test
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not __import__("torch").cuda.is_available() else "cuda")
+from setr_lowmem.cli import fail, prepare_environment, run_main  # noqa: E402
 
-from setr_lowmem.cli import fail, run_main  # noqa: E402
+prepare_environment()
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

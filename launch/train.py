@@ -8,15 +8,13 @@ picks the fastest memory plan that fits that budget (see `python -m setr_lowmem.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-if not __import__("torch").cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
+from setr_lowmem.cli import fail, prepare_environment, run_main  # noqa: E402
 
-from setr_lowmem.cli import fail, run_main  # noqa: E402
+prepare_environment()
 
 
 def main() -> None:

@@ -6,6 +6,20 @@ import sys
 from collections.abc import Callable
 
 
+def prepare_environment() -> None:
+    """Process-wide settings every entry point needs before torch touches a device: the CUDA
+    allocator's configuration, and DeepSpeed's accelerator on a machine without a GPU (DeepSpeed
+    picks it at import and otherwise looks for mpi4py)."""
+    import os
+
+    import torch
+
+    from setr_lowmem.memory.allocator import configure_cuda_allocator
+
+    configure_cuda_allocator()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

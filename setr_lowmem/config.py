@@ -226,6 +226,10 @@ class MemoryConfig:
     """fp32; bf16 autocast over fp32 weights; bf16 weights with fp32 master copies (DeepSpeed)."""
     attention: Literal["eager", "sdpa"] = "sdpa"
     """Attention kernel: eager (materialises the attention matrix, as mmseg did) or PyTorch SDPA."""
+    classifier_first: bool = True
+    """Apply each head's 1x1 classifier before its last bilinear upsample (exact: both are linear)."""
+    fused_upsample_loss: bool = True
+    """Interpolate logits to the label's size inside the loss, band by band (exact; no full-size logits)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO through accelerate's plugin."""
 

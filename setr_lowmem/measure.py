@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from setr_lowmem.config import Config
 from setr_lowmem.engine.loss import SegmentationLoss
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
+from setr_lowmem.memory.decoder import apply_decoder_rewrites
 from setr_lowmem.memory.optim import build_optimizer
 from setr_lowmem.memory.precision import apply_attention_kernel, apply_fp32_batchnorm, autocast_factory, input_dtype
 from setr_lowmem.model import build_setr
@@ -94,6 +95,7 @@ def _build(cfg: Config, device: torch.device):
     torch.manual_seed(0)
     model = build_setr(bare)
     module = SegmentationLoss(model, cfg.loss)
+    apply_decoder_rewrites(module, cfg.memory)
     apply_attention_kernel(model, cfg.memory.attention)
     apply_activation_checkpointing(module, cfg.memory)
     if cfg.memory.precision == "bf16_weights":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from dataclasses import dataclass
 
@@ -108,7 +107,7 @@ def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report) -> None:
                 m.note = m.note or f"peak {peak_of(m, cuda):.2f} GiB over the {budget_gib:g} GiB budget"
             m.fits = fits
             tried.append((plan, m))
-            report(f"  {plan.describe(total):<58} " + (f"peak {peak_of(m, cuda):6.2f} GiB  {m.img_s:7.1f} img/s"
+            report(f"  {plan.describe(total):<58} " + (f"peak {peak_of(m, cuda):7.3f} GiB  {m.img_s:7.1f} img/s"
                                                        if fits else f"does not fit: {m.note}"))
             if fits:
                 break  # smaller micro-batches of this technique set are slower
@@ -134,10 +133,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    from setr_lowmem.cli import prepare_environment, run_main
+
+    prepare_environment()
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         print("no GPU: measuring on the CPU (budget checked against PyTorch's MemTracker peak)")
-    from setr_lowmem.cli import run_main
 
     def run() -> None:
         cfg = load_config(args.cfg, list(args.overrides) + ["model.pretrained="])

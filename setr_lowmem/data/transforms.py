@@ -72,6 +72,18 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 255).floor()
 
 
+def scale_saturation(image: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Multiply S of HSV by `alpha` (clipped at 1) on a 3xHxW RGB image, without leaving RGB.
+
+    Hue and value stay: each channel moves away from the maximum (V) by the same factor,
+    and S saturates when the minimum channel reaches 0."""
+    vmax = image.max(dim=0, keepdim=True).values
+    vmin = image.min(dim=0, keepdim=True).values
+    s = torch.where(vmax > 0, (vmax - vmin) / vmax.clamp_min(1e-6), torch.zeros_like(vmax))
+    factor = torch.where(s * alpha > 1, 1 / s.clamp_min(1e-6), torch.full_like(s, alpha))
+    return vmax - (vmax - image) * factor
+
+
 def photometric_distortion(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """mmseg's PhotoMetricDistortion on a float 0..255 RGB image: brightness +-32, contrast
     0.5..1.5 (randomly first or last), saturation 0.5..1.5 and hue +-18 (of OpenCV's 180) in HSV,
@@ -82,14 +94,7 @@ def photometric_distortion(image: torch.Tensor, rng: np.random.Generator) -> tor
     if contrast_first and rng.integers(2):
         image = _u8(image * rng.uniform(0.5, 1.5))
     if rng.integers(2):
-        # Scaling S in HSV keeps hue and value: each channel moves away from the max (V)
-        # by the same factor, and S saturates at 1 (the minimum channel reaches 0).
-        alpha = rng.uniform(0.5, 1.5)
-        vmax = image.max(dim=0, keepdim=True).values
-        vmin = image.min(dim=0, keepdim=True).values
-        s = torch.where(vmax > 0, (vmax - vmin) / vmax.clamp_min(1e-6), torch.zeros_like(vmax))
-        factor = torch.where(s * alpha > 1, 1 / s.clamp_min(1e-6), torch.full_like(s, alpha))
-        image = _u8(vmax - (vmax - image) * factor)
+        image = _u8(scale_saturation(image, rng.uniform(0.5, 1.5)))
     if rng.integers(2):
         delta = int(rng.integers(-18, 19))  # OpenCV hue units (0..180), as mmseg
         image = _u8(TF.adjust_hue(image / 255.0, delta / 180.0) * 255.0)

@@ -51,10 +51,19 @@ class HeadLoss(nn.Module):
         self.weight = weight
         self.ignore_index = cfg.ignore_index
         self.avg_non_ignore = cfg.avg_non_ignore
+        self.fused_upsample = False  # set by memory.decoder.apply_fused_upsample_loss
 
     def forward(self, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        logits = self.head(inputs)
-        return self.weight * seg_cross_entropy(logits, labels, self.ignore_index, self.avg_non_ignore)
+        if not self.fused_upsample:
+            logits = self.head(inputs)
+            return self.weight * seg_cross_entropy(logits, labels, self.ignore_index, self.avg_non_ignore)
+        from setr_lowmem.memory.decoder import upsample_cross_entropy
+
+        logits, scale = self.head.forward_deferred(inputs)
+        if scale > 1 and (logits.shape[-2] * scale, logits.shape[-1] * scale) != tuple(labels.shape[-2:]):
+            # the head's own last upsample does not end at the label's size: keep it, fuse the resize after
+            logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+        return self.weight * upsample_cross_entropy(logits, labels, self.ignore_index, self.avg_non_ignore)
 
 
 class SegmentationLoss(nn.Module):

@@ -27,6 +27,7 @@ from setr_lowmem.engine.evaluate import evaluate
 from setr_lowmem.engine.loss import SegmentationLoss
 from setr_lowmem.engine.schedule import build_scheduler
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
+from setr_lowmem.memory.decoder import apply_decoder_rewrites
 from setr_lowmem.memory.deepspeed import check_deepspeed, deepspeed_config, prepare_single_process_env
 from setr_lowmem.memory.optim import build_optimizer, expected_optimizer_class
 from setr_lowmem.memory.precision import (apply_attention_kernel, apply_fp32_batchnorm, autocast_factory,
@@ -155,6 +156,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     set_seed(cfg.train.seed)
     model = build_setr(cfg)
     train_module = SegmentationLoss(model, cfg.loss)
+    apply_decoder_rewrites(train_module, cfg.memory)
     apply_attention_kernel(model, cfg.memory.attention)
     apply_activation_checkpointing(train_module, cfg.memory)
     if world > 1 and cfg.train.sync_bn:

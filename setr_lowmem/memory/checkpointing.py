@@ -17,14 +17,16 @@ during backward: memory for compute. The policies, from cheapest to most thoroug
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from functools import partial
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from setr_lowmem.config import MemoryConfig
-from setr_lowmem.engine.loss import SegmentationLoss
+from setr_lowmem.engine.loss import HeadLoss, SegmentationLoss
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,44 @@ def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_context():
-    return create_selective_checkpoint_contexts(_save_matmuls)
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: torch.nn.Module):
+    """During recomputation BatchNorm must normalise exactly as before (the same ops, the same
+    saved tensors) but not update its running statistics a second time: momentum 0 makes the
+    update `running * 1 + batch * 0`, and the batch counter is put back afterwards."""
+    # a head-with-loss unit holds its head as a plain attribute (the head belongs to the model)
+    inside = list(module.modules()) + (list(module.head.modules()) if isinstance(module, HeadLoss) else [])
+    norms = [m for m in inside if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.momentum is not None]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+@contextlib.contextmanager
+def _recomputing(selective_context, module: torch.nn.Module):
+    with selective_context, _frozen_batchnorm_stats(module):
+        yield
+
+
+def _contexts(module: torch.nn.Module, selective: bool):
+    """(forward context, recomputation context) for torch.utils.checkpoint's `context_fn`."""
+    if selective:
+        forward, recompute = create_selective_checkpoint_contexts(_save_matmuls)
+    else:
+        forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
+    return forward, _recomputing(recompute, module)
 
 
 def _wrap(module: torch.nn.Module, selective: bool = False) -> torch.nn.Module:
-    kwargs = {"context_fn": _selective_context} if selective else {}
-    return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kwargs)
+    return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                              context_fn=partial(_contexts, module, selective))
 
 
 def apply_activation_checkpointing(train_module: SegmentationLoss, cfg: MemoryConfig) -> dict[str, int]:

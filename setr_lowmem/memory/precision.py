@@ -49,20 +49,25 @@ def apply_attention_kernel(model: nn.Module, kind: str) -> int:
 def _fp32_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm computed in float32 on a bf16 input with bf16 weights; the output keeps the input dtype."""
     weight, bias = self.weight.float(), self.bias.float()
-    momentum = 0.0 if self.momentum is None else self.momentum
-    if self.training and self.num_batches_tracked is not None:
+    track = not self.training or self.track_running_stats  # as nn.BatchNorm: untracked stats stay untouched
+    mean, var = (self.running_mean, self.running_var) if track else (None, None)
+    momentum = self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
         self.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(self.num_batches_tracked)
+    momentum = 0.0 if momentum is None else momentum
     sync = (isinstance(self, nn.SyncBatchNorm) and self.training and torch.distributed.is_available()
             and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
     if sync:
         from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFn
 
         group = self.process_group or torch.distributed.group.WORLD
-        out = SyncBatchNormFn.apply(x.float(), weight, bias, self.running_mean, self.running_var, self.eps, momentum,
+        out = SyncBatchNormFn.apply(x.float(), weight, bias, mean, var, self.eps, momentum,
                                     group, torch.distributed.get_world_size(group))
     else:
-        out = torch.nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias,
-                                             self.training, momentum, self.eps)
+        out = torch.nn.functional.batch_norm(x.float(), mean, var, weight, bias, self.training or mean is None,
+                                             momentum, self.eps)
     return out.to(x.dtype)
 
 

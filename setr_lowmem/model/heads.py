@@ -70,7 +70,7 @@ class UpHead(ClassifierHead):
     Naive: one 1x1 stage, x4 (aux: one or two 1x1 stages). PUP: four 3x3 stages, x2 each
     (aux: two 3x3 stages, x4 each).
 
-    `classify_before_last_upsample` (off by default; `memory.apply_classifier_reorder`
+    `classify_before_last_upsample` (off by default; `memory.decoder.apply_classifier_first`
     turns it on) applies the 1x1 classifier before the last bilinear upsample instead of
     after it. Both are linear and bilinear weights sum to one, so the logits are the same up
     to rounding, but the upsample then moves num_classes channels instead of 256 and the
@@ -87,15 +87,21 @@ class UpHead(ClassifierHead):
             self.up_convs.append(nn.Sequential(ConvModule(stage_in, channels, kernel_size), Upsample(up_scale)))
         self.classify_before_last_upsample = False
 
-    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+    def forward_deferred(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(logits, scale): with the classifier first, the logits before the last upsample and its
+        factor; otherwise the final logits and 1. The loss can then fuse that upsample."""
         x = layer_norm_2d(self.norm, inputs[self.in_index])
         last = len(self.up_convs) - 1
         for j, (conv, up) in enumerate(self.up_convs):
             x = conv(x)
             if j == last and self.classify_before_last_upsample:
-                return up(self.cls_seg(x))
+                return self.cls_seg(x), up.scale
             x = up(x)
-        return self.cls_seg(x)
+        return self.cls_seg(x), 1
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        logits, scale = self.forward_deferred(inputs)
+        return upsample(logits, scale) if scale > 1 else logits
 
 
 class MLANeck(nn.Module):
@@ -134,19 +140,17 @@ class MLAHead(ClassifierHead):
             for _ in range(num_levels))
         self.classify_before_last_upsample = False
 
-    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+    def forward_deferred(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(logits, scale) as `UpHead.forward_deferred`. With the classifier first, the branches are
+        concatenated before their (shared, linear) x4 upsample and classified at 1/4 resolution."""
         if self.classify_before_last_upsample:
-            # The classifier is linear over the concatenation, so it splits into one 1x1
-            # conv per branch, applied before each branch's (linear) upsample.
-            weights = self.conv_seg.weight.split(self.up_convs[0][1].conv.out_channels, dim=1)
-            out = self.conv_seg.bias.view(1, -1, 1, 1)
-            for x, (c1, c2, up), w in zip(inputs, self.up_convs, weights):
-                y = c2(c1(x))
-                if self.dropout is not None:
-                    y = self.dropout(y)
-                out = out + up(F.conv2d(y, w))
-            return out
-        return self.cls_seg(torch.cat([stage(x) for x, stage in zip(inputs, self.up_convs)], dim=1))
+            feats = [stage[1](stage[0](x)) for x, stage in zip(inputs, self.up_convs)]
+            return self.cls_seg(torch.cat(feats, dim=1)), self.up_convs[0][2].scale
+        return self.cls_seg(torch.cat([stage(x) for x, stage in zip(inputs, self.up_convs)], dim=1)), 1
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        logits, scale = self.forward_deferred(inputs)
+        return upsample(logits, scale) if scale > 1 else logits
 
 
 class FCNAuxHead(ClassifierHead):
@@ -154,6 +158,9 @@ class FCNAuxHead(ClassifierHead):
 
     def __init__(self, channels: int, num_classes: int, in_index: int, dropout: float = 0.0):
         super().__init__(channels, num_classes, dropout, in_index)
+
+    def forward_deferred(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return self.cls_seg(inputs[self.in_index]), 1
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         return self.cls_seg(inputs[self.in_index])

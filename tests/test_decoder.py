@@ -1,0 +1,102 @@
+"""The exact decoder rewrites: the classifier before the last upsample, and the upsample fused
+into the loss, give the reference path's loss and gradients."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from setr_lowmem.engine.loss import SegmentationLoss
+from setr_lowmem.memory.allocator import SETTING, configure_cuda_allocator
+from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
+from setr_lowmem.memory.decoder import apply_decoder_rewrites, upsample_cross_entropy
+from setr_lowmem.model import build_setr
+from setr_lowmem.profiler import breakdown_step
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("sizes", [(16, 16, 32, 32), (16, 16, 64, 64), (8, 8, 128, 128), (7, 9, 50, 61), (16, 16, 16, 16)])
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_fused_upsample_cross_entropy_equals_interpolate_then_cross_entropy(sizes, avg_non_ignore):
+    h, w, H, W = sizes
+    torch.manual_seed(0)
+    low = torch.randn(2, 5, h, w, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (2, H, W))
+    labels[0, : H // 3] = 255
+    full = F.cross_entropy(F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False), labels,
+                           ignore_index=255, reduction="sum")
+    ref = full / ((labels != 255).sum() if avg_non_ignore else labels.numel())
+    (g_ref,) = torch.autograd.grad(ref, low)
+    ours = upsample_cross_entropy(low, labels, avg_non_ignore=avg_non_ignore, band_pixels=3 * W)  # many bands
+    (g,) = torch.autograd.grad(ours, low)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g, g_ref)
+
+
+def module(decoder: str, rewrites: bool, policy: str = "none") -> SegmentationLoss:
+    torch.manual_seed(0)
+    cfg = tiny_config(decoder, memory=dict(checkpointing=policy, classifier_first=rewrites, fused_upsample_loss=rewrites))
+    train_module = SegmentationLoss(build_setr(cfg).double(), cfg.loss)
+    apply_decoder_rewrites(train_module, cfg.memory)
+    apply_activation_checkpointing(train_module, cfg.memory)
+    return train_module
+
+
+@pytest.mark.parametrize("decoder", ["naive", "pup", "mla"])
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_rewrites_give_the_reference_loss_and_gradients(decoder, policy):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 64, 64, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 64, 64), generator=g)
+    labels[1, 40:] = 255
+    ref, new = module(decoder, False), module(decoder, True, policy)
+    results = []
+    for m in (ref, new):
+        loss, parts = m(images, labels)
+        loss.backward()
+        results.append((loss.detach(), parts))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-8)
+    grads = {n: p.grad for n, p in ref.model.named_parameters()}
+    for n, p in new.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n.replace("_checkpoint_wrapped_module.", "")], rtol=1e-5,
+                                   atol=1e-9, msg=n)
+    # the evaluation path (model.predict) gets the same logits too
+    with torch.no_grad():
+        torch.testing.assert_close(new.model.eval().predict(images), ref.model.eval().predict(images))
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_fused_loss_needs_less_memory(policy, monkeypatch):
+    """Full-resolution logits (and their softmax and gradient) are never alive for the whole image."""
+    import setr_lowmem.memory.decoder as decoder
+
+    monkeypatch.setattr(decoder, "BAND_PIXELS", 16 * 128)  # 16 rows: what 64 rows are to a 512 crop
+    peaks = {}
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(2, 3, 128, 128, generator=g), torch.randint(0, 64, (2, 128, 128), generator=g)
+    for fused in (False, True):
+        torch.manual_seed(0)
+        # many classes for few channels, as SETR's 150 classes for 256 channels: the logits dominate
+        cfg = tiny_config("pup", data=dict(crop=128, num_classes=64), eval=dict(crop=128),
+                          memory=dict(classifier_first=True, fused_upsample_loss=fused, checkpointing=policy))
+        m = SegmentationLoss(build_setr(cfg), cfg.loss)
+        apply_decoder_rewrites(m, cfg.memory)
+        apply_activation_checkpointing(m, cfg.memory)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+
+        def fwd_bwd():
+            m(images, labels)[0].backward()
+
+        peaks[fused] = breakdown_step(m, opt, fwd_bwd, opt.step).peak
+    assert peaks[True] < 0.8 * peaks[False], peaks
+
+
+def test_the_toolkit_sets_expandable_segments_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert configure_cuda_allocator() == SETTING == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert configure_cuda_allocator() == "max_split_size_mb:128"
