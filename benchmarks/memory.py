@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the MemTracker pass (faster)")
     parser.add_argument("--timeline", action="store_true",
-                        help="also draw a PNG of the memory timeline over one step of the last row that fitted")
+                        help="also draw a PNG of the memory timeline over one step of the last non-ZeRO row that fitted")
     parser.add_argument("--snapshot", action="store_true",
                         help="also dump a CUDA memory snapshot of that step (open it at https://pytorch.org/memory_viz)")
     parser.add_argument("overrides", nargs="*")
@@ -174,7 +174,7 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps({"title": title, "config": args.cfg, "overrides": base,
                                                   "results": results}, indent=1))
     chart(results, out / f"{stem}.png", title)
-    fitted = [r for r in results if r["fits"]]
+    fitted = [r for r in results if r["fits"] and not r["label"].startswith("ZeRO")]  # DeepSpeed's buffers hide the step
     if (args.timeline or args.snapshot) and fitted:
         last = fitted[-1]
         cfg = load_config(args.cfg, base + row_overrides(last["label"]) + [

@@ -47,7 +47,12 @@ def module(decoder: str, rewrites: bool, policy: str = "none") -> SegmentationLo
 
 @pytest.mark.parametrize("decoder", ["naive", "pup", "mla"])
 @pytest.mark.parametrize("policy", ["none", "full"])
-def test_rewrites_give_the_reference_loss_and_gradients(decoder, policy):
+@pytest.mark.parametrize("band_rows", [None, 5])  # None: a 64-pixel label fits one band (the plain ops)
+def test_rewrites_give_the_reference_loss_and_gradients(decoder, policy, band_rows, monkeypatch):
+    import setr_lowmem.memory.decoder as decoder_module
+
+    if band_rows:
+        monkeypatch.setattr(decoder_module, "BAND_PIXELS", band_rows * 64)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, 64, 64, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 5, (2, 64, 64), generator=g)
