@@ -8,6 +8,7 @@ picks the fastest memory plan that fits that budget (see `python -m setr_lowmem.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N iterations")
     parser.add_argument("--auto-fit", type=float, default=None, metavar="GIB",
                         help="choose micro-batch/checkpointing/8-bit/offload to fit GIB of GPU memory")
+    parser.add_argument("--cap-gib", type=float, default=None, metavar="GIB",
+                        help="cap this process's GPU memory, to see whether a smaller card would hold the run")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 train.micro_batch=4")
     args = parser.parse_args()
 
@@ -31,6 +34,14 @@ def main() -> None:
     from setr_lowmem.engine.train import train
 
     cfg = load_config(args.cfg, args.overrides)
+    if args.cap_gib is not None:
+        import torch
+
+        from setr_lowmem.measure import set_memory_cap
+
+        if not torch.cuda.is_available():
+            fail("--cap-gib needs a GPU")
+        set_memory_cap(args.cap_gib, torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     if args.auto_fit is not None:
         from setr_lowmem.plan import auto_fit
 

@@ -153,18 +153,15 @@ def record_snapshot(step, path: str) -> str:
     return path
 
 
-def memory_timeline_png(step, path: str, device: torch.device, title: str = "") -> str:
-    """Profile `step()` with PyTorch's memory profiler and draw its timeline by category as a PNG."""
+def _memory_timeline(step, device: torch.device) -> tuple[list, list]:
+    """Profile `step()` with PyTorch's memory profiler: (times in us, bytes per category at each time).
+
+    `export_memory_timeline` is marked deprecated in favour of CUDA memory snapshots, but it is
+    the one PyTorch tracker that also sees CPU tensors; it still works in torch 2.11 to 2.14."""
     import json
     import tempfile
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
@@ -172,7 +169,21 @@ def memory_timeline_png(step, path: str, device: torch.device, title: str = "") 
     dev = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         prof.export_memory_timeline(tmp.name, device=dev)
-        times, sizes = json.load(open(tmp.name))
+        with open(tmp.name) as f:
+            times, sizes = json.load(f)
+    return times, sizes
+
+
+def memory_timeline_png(step, path: str, device: torch.device, title: str = "") -> str:
+    """Profile `step()` and draw its memory timeline by category as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX
+
+    times, sizes = _memory_timeline(step, device)
     times = (np.array(times) - min(times)) / 1e3
     sizes = np.array(sizes, dtype=float) / GIB
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
@@ -191,16 +202,5 @@ def memory_timeline_png(step, path: str, device: torch.device, title: str = "") 
 
 def timeline_peak(step, device: torch.device) -> float:
     """Peak (GiB) of PyTorch's profiler memory timeline over `step()`: an independent check of MemTracker."""
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    dev = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
-    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        prof.export_memory_timeline(tmp.name, device=dev)
-        _, sizes = json.load(open(tmp.name))
+    _, sizes = _memory_timeline(step, device)
     return max(sum(s) for s in sizes) / GIB
