@@ -143,6 +143,15 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict:
     """Train per `cfg`; returns a summary (iteration, losses, skipped steps, peaks, mIoU)."""
     run_dir = cfg.run_dir
+    # what to continue from is settled before anything is built: a wrong resume fails at once
+    start = ckpt.find_resume(run_dir, resume)
+    existing = ckpt.list_checkpoints(run_dir)
+    if start is None and existing and resume != "auto":
+        raise ckpt.CheckpointError(
+            f"{run_dir} already holds checkpoints (newest {existing[-1].name}): continue it with --resume auto, "
+            "or set train.out_dir to a new directory")
+    if start is not None:
+        ckpt.check_compatible(start, cfg)
     accelerator, accumulation = make_accelerator(cfg, run_dir)
     setup_logging(run_dir, accelerator.is_main_process)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -175,18 +184,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
-    start = ckpt.find_resume(run_dir, resume)
-    existing = ckpt.list_checkpoints(run_dir)
-    if start is None and existing and resume != "auto":
-        raise ckpt.CheckpointError(
-            f"{run_dir} already holds checkpoints (newest {existing[-1].name}): continue it with --resume auto, "
-            "or set train.out_dir to a new directory")
     if start is not None:
-        ckpt.check_compatible(start, cfg)
         accelerator.load_state(str(start))
         log.info("resumed from %s at iteration %d", start, state.iteration)
-    elif resume and resume != "auto":
-        raise ckpt.CheckpointError(f"checkpoint not found: {resume}")
     accelerator.init_trackers("tb", config=_flat(config_to_dict(cfg)))
 
     source = open_source(cfg.data, cfg.data.train_split)
