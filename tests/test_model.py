@@ -216,3 +216,8 @@ def test_mmseg_checkpoint_of_another_model_is_an_error(tmp_path):
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(2)}}, tmp_path / "resnet.pth")
     with pytest.raises(WeightsError, match="resnet.pth is not an mmseg SETR checkpoint"):
         build_setr(tiny_config("pup", model=dict(mmseg_checkpoint=str(tmp_path / "resnet.pth"))))
+
+
+def test_timm_weights_that_cannot_be_fetched_are_a_clear_error():
+    with pytest.raises(WeightsError, match=r"cannot get timm weights 'no_such_vit_xyz' .*set model.pretrained to a local"):
+        build_setr(tiny_config("pup", model=dict(pretrained="timm:no_such_vit_xyz")))

@@ -73,6 +73,14 @@ def test_resume_continues_exactly(tmp_path, mode):
         assert any(a[k].dtype == torch.uint8 for k in optimizer_keys), "8-bit states were not saved as uint8"
     for k in a:
         assert torch.equal(a[k], b[k]), f"{mode}: {k} differs after resume"
+    # any checkpoint exports to one fp32 file, ZeRO partitions consolidated, equal to the run's own export
+    out = tmp_path / "exported.safetensors"
+    run([sys.executable, "launch/export.py", str(newest_checkpoint(tmp_path / "straight")), str(out)])
+    from safetensors.torch import load_file
+
+    exported, final = load_file(str(out)), load_file(str(tmp_path / "straight/model.safetensors"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in exported.values())
 
 
 def test_resume_refuses_a_config_that_changes_what_is_trained(tmp_path):

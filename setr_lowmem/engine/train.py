@@ -162,6 +162,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     log.info("run %s: %d process(es) on %s, micro-batch %d x accumulation %d x %d = batch %d",
              run_dir, world, device, cfg.train.micro_batch, accumulation, world, cfg.train.total_batch)
 
+    # the data first: a missing dataset fails before minutes of model building and weight download
+    source = open_source(cfg.data, cfg.data.train_split)
     set_seed(cfg.train.seed)
     model = build_setr(cfg)
     train_module = SegmentationLoss(model, cfg.loss)
@@ -189,7 +191,6 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
         log.info("resumed from %s at iteration %d", start, state.iteration)
     accelerator.init_trackers("tb", config=_flat(config_to_dict(cfg)))
 
-    source = open_source(cfg.data, cfg.data.train_split)
     loader = build_train_loader(cfg, state.iteration, rank, world, source)
     batches = iter(loader)
     autocast = autocast_factory(cfg.memory.precision, device)

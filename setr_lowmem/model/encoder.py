@@ -111,7 +111,12 @@ def load_pretrained_encoder(encoder: VisionTransformer, source: str) -> dict[str
         import timm
 
         name = source.removeprefix("timm:") or DEFAULT_TIMM_WEIGHTS
-        donor = timm.create_model(name, pretrained=True, num_classes=0)
+        try:
+            donor = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as err:  # noqa: BLE001 - hub, network and name errors all end the same way
+            raise WeightsError(f"cannot get timm weights {name!r} ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else 'no detail'}); offline, set "
+                               "model.pretrained to a local .pth/.npz/.safetensors file") from None
         sd = donor.state_dict()
         where = f"timm model {name}"
     elif source.endswith(".npz"):
