@@ -87,8 +87,22 @@ def test_flip_averages_the_probabilities_of_both_views():
     torch.testing.assert_close(probs[0], probs[1])
 
 
-def test_evaluate_on_the_synthetic_split_counts_every_image():
+def test_evaluate_aggregates_every_image_and_shards_across_processes():
     cfg = tiny_config("naive", eval=dict(scales=[0.5, 1.0], flip=True))
-    metrics = evaluate(build_setr(cfg), cfg, torch.device("cpu"))
+    model = build_setr(cfg).eval()
+    metrics = evaluate(model, cfg, torch.device("cpu"))
     assert metrics["images"] == 4 and len(metrics["IoU"]) == 5
-    assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["aAcc"] <= 100
+    # the same figures from the confusion matrix of each image's prediction, summed by hand
+    from setr_lowmem.data.loader import EvalSet
+    from setr_lowmem.data.sources import open_source
+
+    images = EvalSet(open_source(cfg.data, "val"), cfg.data)
+    cm = sum(confusion_matrix(predict_probs(model, img, cfg, torch.device("cpu")).argmax(0), torch.from_numpy(lbl), 5)
+             for img, lbl, _ in (images[i] for i in range(len(images))))
+    expected = metrics_from_confusion(cm)
+    assert metrics["mIoU"] == pytest.approx(expected["mIoU"]) and metrics["aAcc"] == pytest.approx(expected["aAcc"])
+    # two processes each take every other image; summing their matrices gives the same result
+    shards = []
+    evaluate(model, cfg, torch.device("cpu"), rank=0, world=2, reduce=lambda t: shards.append(t) or t)
+    evaluate(model, cfg, torch.device("cpu"), rank=1, world=2, reduce=lambda t: shards.append(t) or t)
+    assert torch.equal(shards[0] + shards[1], cm)

@@ -128,13 +128,11 @@ def upsample_cross_entropy(low: torch.Tensor, labels: torch.Tensor, ignore_index
                            avg_non_ignore: bool = False, band_pixels: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(F.interpolate(low, labels.shape[-2:], bilinear), labels)` with mmseg's reduction,
     without materialising the full-resolution logits (bands of about `band_pixels` output pixels per image)."""
-    band_pixels = band_pixels or BAND_PIXELS
-    denom = (labels != ignore_index).sum().clamp_min(1) if avg_non_ignore else labels.new_tensor(labels.numel())
-    rows = max(1, math.ceil(band_pixels / labels.shape[-1]))
+    from setr_lowmem.engine.loss import seg_cross_entropy
+
+    rows = max(1, math.ceil((band_pixels or BAND_PIXELS) / labels.shape[-1]))
     if rows >= labels.shape[-2]:  # one band is the whole image: the plain ops are the same and cheaper
-        logits = F.interpolate(low, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / denom
+        return seg_cross_entropy(low, labels, ignore_index, avg_non_ignore)
+    denom = (labels != ignore_index).sum().clamp_min(1) if avg_non_ignore else labels.new_tensor(labels.numel())
     return _UpsampleCrossEntropy.apply(low, labels, ignore_index, denom.to(torch.promote_types(low.dtype, torch.float32)),
                                        rows)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from setr_lowmem.config import OptimConfig
+from setr_lowmem.engine.checkpoint import WRAPPER
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        clean = name.replace("_checkpoint_wrapped_module.", "")
+        clean = name.replace(WRAPPER, "")
         is_head = clean.startswith(("decode_head.", "auxiliary_head."))
         no_decay = cfg.name == "adamw" and p.ndim <= 1
         groups.setdefault((is_head, no_decay), []).append(p)
