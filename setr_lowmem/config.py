@@ -433,6 +433,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(_merge(data, extra), f"{path} with overrides {' '.join(overrides or [])}")
 
 
+def without_initial_weights(cfg: Config) -> Config:
+    """`cfg` with no pretrained or imported weights: for models whose weights come from elsewhere
+    (a trained checkpoint, a measurement on random data, a FLOP count on the meta device)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="", mmseg_checkpoint=""))
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict (tuples as lists), suitable for YAML and for comparing runs."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -19,12 +19,10 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from setr_lowmem.config import Config
+from setr_lowmem.config import Config, without_initial_weights
 from setr_lowmem.engine.loss import SegmentationLoss
-from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
-from setr_lowmem.memory.decoder import apply_decoder_rewrites
-from setr_lowmem.memory.optim import build_optimizer
-from setr_lowmem.memory.precision import apply_attention_kernel, apply_fp32_batchnorm, autocast_factory, input_dtype
+from setr_lowmem.engine.train import build_for_training
+from setr_lowmem.memory.precision import autocast_factory, input_dtype
 from setr_lowmem.model import build_setr
 from setr_lowmem.profiler import GIB, MemoryMeter, breakdown_step
 
@@ -74,11 +72,8 @@ def train_flops_per_image(cfg: Config) -> float:
     (no checkpointing: the model's FLOPs, not the recomputation)."""
     key = (repr(cfg.model), cfg.data.crop, cfg.data.num_classes)
     if key not in _FLOPS_CACHE:
-        import dataclasses
-
-        bare = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="", mmseg_checkpoint=""))
         with torch.device("meta"):
-            module = SegmentationLoss(build_setr(bare), cfg.loss)
+            module = SegmentationLoss(build_setr(without_initial_weights(cfg)), cfg.loss)
             images = torch.randn(1, 3, cfg.data.crop, cfg.data.crop)
             labels = torch.randint(0, cfg.data.num_classes, (1, cfg.data.crop, cfg.data.crop))
         with FlopCounterMode(display=False) as counter:
@@ -89,19 +84,9 @@ def train_flops_per_image(cfg: Config) -> float:
 
 
 def _build(cfg: Config, device: torch.device):
-    import dataclasses
-
-    bare = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="", mmseg_checkpoint=""))
     torch.manual_seed(0)
-    model = build_setr(bare)
-    module = SegmentationLoss(model, cfg.loss)
-    apply_decoder_rewrites(module, cfg.memory)
-    apply_attention_kernel(model, cfg.memory.attention)
-    apply_activation_checkpointing(module, cfg.memory)
-    if cfg.memory.precision == "bf16_weights":
-        apply_fp32_batchnorm(model)
-    module.to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    module, optimizer = build_for_training(without_initial_weights(cfg))
+    module.to(device)  # moves the parameters in place: the optimizer keeps them
     return module, optimizer
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from setr_lowmem.config import Config
+from setr_lowmem.config import Config, without_initial_weights
 from setr_lowmem.engine.checkpoint import load_model_weights
 from setr_lowmem.memory.precision import apply_attention_kernel, autocast_factory
 from setr_lowmem.model import SETR, build_setr
@@ -19,8 +18,7 @@ def load_trained(cfg: Config, checkpoint: str | Path, device: torch.device | Non
     """(model in eval mode on `device`, autocast factory) from an exported file or a checkpoint dir."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the trained weights replace everything: do not fetch or import the initial ones
-    bare = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="", mmseg_checkpoint=""))
-    model: SETR = build_setr(bare)
+    model: SETR = build_setr(without_initial_weights(cfg))
     load_model_weights(model, checkpoint)
     apply_attention_kernel(model, "sdpa")
     model.to(device).eval()

@@ -92,6 +92,25 @@ def make_accelerator(cfg: Config, run_dir: Path, trackers: bool = True) -> tuple
     return accelerator, accumulation
 
 
+def build_for_training(cfg: Config, world: int = 1, device: torch.device | None = None):
+    """(SETR with its loss, optimizer): the model built plain, then each technique applied in order:
+    decoder rewrites, attention kernel, activation checkpointing, SyncBN, fp32 BatchNorm (bf16 weights)."""
+    model = build_setr(cfg)
+    train_module = SegmentationLoss(model, cfg.loss)
+    apply_decoder_rewrites(train_module, cfg.memory)
+    apply_attention_kernel(model, cfg.memory.attention)
+    apply_activation_checkpointing(train_module, cfg.memory)
+    if world > 1 and cfg.train.sync_bn:
+        if device is not None and device.type == "cuda":
+            model = train_module.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            log.info("BatchNorm synchronised across %d processes", world)
+        else:
+            log.warning("train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm statistics stay per process")
+    if cfg.memory.precision == "bf16_weights":
+        apply_fp32_batchnorm(model)
+    return train_module, build_optimizer(model, cfg.optim)
+
+
 def setup_logging(run_dir: Path, main: bool) -> None:
     log.setLevel(logging.INFO)
     for h in list(log.handlers):
@@ -165,20 +184,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     # the data first: a missing dataset fails before minutes of model building and weight download
     source = open_source(cfg.data, cfg.data.train_split)
     set_seed(cfg.train.seed)
-    model = build_setr(cfg)
-    train_module = SegmentationLoss(model, cfg.loss)
-    apply_decoder_rewrites(train_module, cfg.memory)
-    apply_attention_kernel(model, cfg.memory.attention)
-    apply_activation_checkpointing(train_module, cfg.memory)
-    if world > 1 and cfg.train.sync_bn:
-        if device.type == "cuda":
-            model = train_module.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            log.info("BatchNorm synchronised across %d processes", world)
-        else:
-            log.warning("train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm statistics stay per process")
-    if cfg.memory.precision == "bf16_weights":
-        apply_fp32_batchnorm(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    train_module, optimizer = build_for_training(cfg, world, device)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     train_module, optimizer = accelerator.prepare(train_module, optimizer)
     check_deepspeed(accelerator, optimizer, expected_optimizer_class(cfg.optim), cfg)
