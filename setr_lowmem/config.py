@@ -229,7 +229,11 @@ class MemoryConfig:
     classifier_first: bool = True
     """Apply each head's 1x1 classifier before its last bilinear upsample (exact: both are linear)."""
     fused_upsample_loss: bool = True
-    """Interpolate logits to the label's size inside the loss, band by band (exact; no full-size logits)."""
+    """Interpolate logits to the label's size inside the loss (exact; no full-size logits)."""
+    fused_upsample_backend: Literal["auto", "triton", "torch"] = "auto"
+    """The fused loss's implementation: Triton kernels, PyTorch bands, or auto (Triton on CUDA if installed)."""
+    upsample_backward: Literal["stock", "matmul"] = "stock"
+    """Backward of the heads' bilinear upsamples: PyTorch's (atomics) or two deterministic matrix products."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO through accelerate's plugin."""
 

@@ -13,6 +13,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache",
                                                            "torch_extensions"))
 
+import torch  # noqa: E402
+
+# The Triton kernels run on CPU tensors under Triton's interpreter; it must be chosen before the
+# kernels are first imported. On a machine with a GPU they are tested as compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from setr_lowmem.config import Config, config_from_dict  # noqa: E402
 
 TINY_MODEL = dict(embed_dim=32, depth=2, num_heads=2, head_channels=16, mla_channels=8,

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from setr_lowmem.engine.loss import SegmentationLoss
 from setr_lowmem.memory.allocator import SETTING, configure_cuda_allocator
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
-from setr_lowmem.memory.decoder import apply_decoder_rewrites, upsample_cross_entropy
+from setr_lowmem.memory.decoder import (apply_decoder_rewrites, bilinear_matrix, upsample_cross_entropy,
+                                        upsample_matmul_backward)
 from setr_lowmem.model import build_setr
 from setr_lowmem.profiler import breakdown_step
 from tests.conftest import tiny_config
@@ -36,10 +37,74 @@ def test_fused_upsample_cross_entropy_equals_interpolate_then_cross_entropy(size
     torch.testing.assert_close(g, g_ref)
 
 
-def module(decoder: str, rewrites: bool, policy: str = "none") -> SegmentationLoss:
+def reference_loss(low: torch.Tensor, labels: torch.Tensor, avg_non_ignore: bool) -> torch.Tensor:
+    full = F.interpolate(low, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(full, labels, ignore_index=255, reduction="sum")
+    return total / ((labels != 255).sum() if avg_non_ignore else labels.numel())
+
+
+# (low h, w, label H, W, classes): x4, odd ratios, equal sizes, more classes than one block of 32, x8
+@pytest.mark.parametrize("sizes", [(8, 8, 32, 32, 5), (7, 9, 50, 61, 4), (16, 16, 16, 16, 3), (6, 6, 12, 12, 40),
+                                   (4, 4, 32, 32, 3)])
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_triton_kernels_equal_interpolate_then_cross_entropy(sizes, avg_non_ignore):
+    """The fused kernels, run by Triton's interpreter on the CPU, against the float64 reference."""
+    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    h, w, H, W, C = sizes
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    cfg = tiny_config(decoder, memory=dict(checkpointing=policy, classifier_first=rewrites, fused_upsample_loss=rewrites))
-    train_module = SegmentationLoss(build_setr(cfg).double(), cfg.loss)
+    low = torch.randn(2, C, h, w, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.randint(0, C, (2, H, W), device=device)
+    labels[0, : H // 3] = 255
+    ref = reference_loss(low, labels, avg_non_ignore)
+    (g_ref,) = torch.autograd.grad(ref, low)
+    low32 = low.detach().float().requires_grad_()
+    ours = upsample_cross_entropy(low32, labels, avg_non_ignore=avg_non_ignore, backend="triton")
+    (g,) = torch.autograd.grad(ours, low32)
+    assert ours.dtype == torch.float32 and g.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-8)
+
+
+def test_triton_kernels_read_strided_and_bf16_logits():
+    """Channels-last logits are read through their strides; bf16 logits give a bf16 gradient, computed in fp32."""
+    torch.manual_seed(0)
+    low = torch.randn(2, 6, 8, 8)
+    labels = torch.randint(0, 6, (2, 32, 32))
+    ref = reference_loss(low.double().requires_grad_(), labels, False)
+    for x, tol in ((low.to(memory_format=torch.channels_last), 1e-5), (low.bfloat16(), 1e-2)):
+        x = x.detach().requires_grad_()
+        ours = upsample_cross_entropy(x, labels, backend="triton")
+        (g,) = torch.autograd.grad(ours, x)
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(ours.double(), ref.detach(), rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        import unittest.mock
+
+        with unittest.mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):
+            upsample_cross_entropy(low, labels, backend="triton")
+
+
+@pytest.mark.parametrize("sizes", [(8, 8, 16, 16), (16, 16, 64, 64), (7, 9, 50, 61), (5, 5, 5, 5)])
+def test_matmul_upsample_backward_equals_the_stock_backward(sizes):
+    h, w, H, W = sizes
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, H, W, dtype=torch.float64)
+    ref = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+    ours = upsample_matmul_backward(x, (H, W))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)  # the same forward kernel
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    (g,) = torch.autograd.grad(ours, x, grad)
+    torch.testing.assert_close(g, g_ref)
+    assert (bilinear_matrix(H, h, torch.device("cpu"), torch.float64).sum(1) - 1).abs().max() < 1e-12
+
+
+def module(decoder: str, rewrites: bool, policy: str = "none", dtype=torch.float64, **memory) -> SegmentationLoss:
+    torch.manual_seed(0)
+    cfg = tiny_config(decoder, memory=dict(checkpointing=policy, classifier_first=rewrites, fused_upsample_loss=rewrites,
+                                           **memory))
+    train_module = SegmentationLoss(build_setr(cfg).to(dtype), cfg.loss)
     apply_decoder_rewrites(train_module, cfg.memory)
     apply_activation_checkpointing(train_module, cfg.memory)
     return train_module
@@ -74,6 +139,29 @@ def test_rewrites_give_the_reference_loss_and_gradients(decoder, policy, band_ro
         torch.testing.assert_close(new.model.eval().predict(images), ref.model.eval().predict(images))
 
 
+@pytest.mark.parametrize("decoder,policy", [("naive", "none"), ("pup", "full")])
+def test_triton_loss_and_matmul_upsample_backward_give_the_reference_gradients(decoder, policy):
+    """The whole model with the Triton loss and the heads' matrix-product upsample backward, in float32.
+    (MLA's aux heads upsample x16, slow in the interpreter; its head is checked with the torch path.)"""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    labels = torch.randint(0, 5, (2, 64, 64), generator=g)
+    labels[1, 40:] = 255
+    ref = module(decoder, False, dtype=torch.float32)
+    new = module(decoder, True, policy, torch.float32, fused_upsample_backend="triton", upsample_backward="matmul")
+    assert sum(getattr(m, "resize", None) is not None for m in new.model.modules()) >= 1
+    losses = []
+    for m in (ref, new):
+        loss, _ = m(images, labels)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in ref.model.named_parameters()}
+    for n, p in new.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n.replace("_checkpoint_wrapped_module.", "")], rtol=1e-3,
+                                   atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("policy", ["none", "full"])
 def test_fused_loss_needs_less_memory(policy, monkeypatch):
     """Full-resolution logits (and their softmax and gradient) are never alive for the whole image."""
@@ -83,11 +171,12 @@ def test_fused_loss_needs_less_memory(policy, monkeypatch):
     peaks = {}
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randn(2, 3, 128, 128, generator=g), torch.randint(0, 64, (2, 128, 128), generator=g)
-    for fused in (False, True):
+    for fused in ("", "torch", "triton") if policy == "none" else ("", "torch"):  # the interpreter is slow
         torch.manual_seed(0)
         # many classes for few channels, as SETR's 150 classes for 256 channels: the logits dominate
         cfg = tiny_config("pup", data=dict(crop=128, num_classes=64), eval=dict(crop=128),
-                          memory=dict(classifier_first=True, fused_upsample_loss=fused, checkpointing=policy))
+                          memory=dict(classifier_first=True, fused_upsample_loss=bool(fused), checkpointing=policy,
+                                      fused_upsample_backend=fused or "auto"))
         m = SegmentationLoss(build_setr(cfg), cfg.loss)
         apply_decoder_rewrites(m, cfg.memory)
         apply_activation_checkpointing(m, cfg.memory)
@@ -97,7 +186,10 @@ def test_fused_loss_needs_less_memory(policy, monkeypatch):
             m(images, labels)[0].backward()
 
         peaks[fused] = breakdown_step(m, opt, fwd_bwd, opt.step).peak
-    assert peaks[True] < 0.8 * peaks[False], peaks
+    print({k or "plain": f"{v * 1024:.1f} MiB" for k, v in peaks.items()})
+    assert peaks["torch"] < 0.8 * peaks[""], peaks
+    if "triton" in peaks:
+        assert peaks["triton"] < 0.8 * peaks[""], peaks
 
 
 def test_the_toolkit_sets_expandable_segments_unless_the_user_did(monkeypatch):

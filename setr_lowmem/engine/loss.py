@@ -51,7 +51,7 @@ class HeadLoss(nn.Module):
         self.weight = weight
         self.ignore_index = cfg.ignore_index
         self.avg_non_ignore = cfg.avg_non_ignore
-        self.fused_upsample = False  # set by memory.decoder.apply_fused_upsample_loss
+        self.fused_upsample = ""  # a backend name, set by memory.decoder.apply_fused_upsample_loss
 
     def forward(self, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         if not self.fused_upsample:
@@ -63,7 +63,8 @@ class HeadLoss(nn.Module):
         if scale > 1 and (logits.shape[-2] * scale, logits.shape[-1] * scale) != tuple(labels.shape[-2:]):
             # the head's own last upsample does not end at the label's size: keep it, fuse the resize after
             logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
-        return self.weight * upsample_cross_entropy(logits, labels, self.ignore_index, self.avg_non_ignore)
+        return self.weight * upsample_cross_entropy(logits, labels, self.ignore_index, self.avg_non_ignore,
+                                                    backend=self.fused_upsample)
 
 
 class SegmentationLoss(nn.Module):

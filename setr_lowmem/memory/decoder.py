@@ -18,8 +18,11 @@ rewrites remove most of that without changing the result:
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +42,25 @@ def apply_classifier_first(model: nn.Module) -> int:
     return n
 
 
-def apply_fused_upsample_loss(train_module: nn.Module) -> int:
-    """Let every head's loss take the logits before the last upsample and interpolate them band by band."""
+def apply_fused_upsample_loss(train_module: nn.Module, backend: str = "auto") -> int:
+    """Let every head's loss take the logits before the last upsample and interpolate them inside the
+    cross-entropy (`backend`: 'triton', 'torch' or 'auto', see `upsample_cross_entropy`)."""
     units = train_module.head_losses
     for unit in units:
         inner = getattr(unit, "_checkpoint_wrapped_module", unit)
-        inner.fused_upsample = True
-    log.info("upsample fused into the cross-entropy for %d heads", len(units))
+        inner.fused_upsample = backend
+    log.info("upsample fused into the cross-entropy for %d heads (backend %s)", len(units), backend)
     return len(units)
 
 
 def apply_decoder_rewrites(train_module: nn.Module, cfg) -> None:
-    """Both rewrites as `cfg` (a MemoryConfig) asks; the model's evaluation path gets the classifier order too."""
+    """The rewrites `cfg` (a MemoryConfig) asks for; the model's evaluation path gets the classifier order too."""
     if cfg.classifier_first:
         apply_classifier_first(train_module.model)
     if cfg.fused_upsample_loss:
-        apply_fused_upsample_loss(train_module)
+        apply_fused_upsample_loss(train_module, cfg.fused_upsample_backend)
+    if cfg.upsample_backward == "matmul":
+        apply_matmul_upsample_backward(train_module.model)
 
 
 def _source_rows(out_size: int, in_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,26 +69,75 @@ def _source_rows(out_size: int, in_size: int, device) -> tuple[torch.Tensor, tor
     src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0)
     y0 = src.floor().long().clamp_max(in_size - 1)
     y1 = (y0 + 1).clamp_max(in_size - 1)
-    return y0, y1, (src - y0).float()
+    return y0, y1, src - y0
 
 
-def _band(low: torch.Tensor, rows: slice, y0: torch.Tensor, y1: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """The input rows that output rows `rows` read: (first input row, the slice of `low`)."""
-    first, last = int(y0[rows].min()), int(y1[rows].max())
-    return first, low[:, :, first:last + 1]
+@functools.lru_cache(maxsize=32)
+def bilinear_matrix(out_size: int, in_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(out_size, in_size) matrix A with `A @ x` = 1-D bilinear resize of x along its rows, as
+    `F.interpolate(..., mode="bilinear", align_corners=False)` weighs them. Two entries per row."""
+    y0, y1, w1 = _source_rows(out_size, in_size, device)
+    rows = torch.arange(out_size, device=device)
+    a = torch.zeros(out_size, in_size, device=device, dtype=torch.float64)
+    a.index_put_((rows, y0), 1 - w1, accumulate=True)
+    a.index_put_((rows, y1), w1, accumulate=True)
+    return a.to(dtype)
 
 
-def _band_loss(band: torch.Tensor, first: int, labels: torch.Tensor, rows: slice, y0, y1, w1, width: int,
+class _MatmulBackwardUpsample(torch.autograd.Function):
+    """Bilinear upsampling whose backward is two matrix products, `A_h^T @ dY @ A_w`: deterministic,
+    unlike the stock backward, which scatters each output gradient into the input with atomics."""
+
+    @staticmethod
+    def forward(ctx, x, size):
+        ctx.in_size = tuple(x.shape[-2:])
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h_out, w_out), (h_in, w_in) = grad.shape[-2:], ctx.in_size
+        a_h = bilinear_matrix(h_out, h_in, grad.device, grad.dtype)
+        a_w = bilinear_matrix(w_out, w_in, grad.device, grad.dtype)
+        return a_h.t() @ (grad @ a_w), None
+
+
+def upsample_matmul_backward(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`F.interpolate(x, size, mode="bilinear", align_corners=False)` with a deterministic backward."""
+    return _MatmulBackwardUpsample.apply(x, tuple(size))
+
+
+def apply_matmul_upsample_backward(model: nn.Module) -> int:
+    """Give every bilinear `Upsample` module of the heads the matrix-product backward; returns how many."""
+    from setr_lowmem.model.heads import Upsample
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Upsample):
+            module.resize = upsample_matmul_backward
+            n += 1
+    log.info("deterministic (matrix-product) backward for %d bilinear upsamples", n)
+    return n
+
+
+def _bands(h_out: int, h_in: int, rows_per_band: int) -> list[tuple[slice, slice]]:
+    """(output rows, the input rows they read) for each band; computed on the host, no device sync."""
+    y0, y1, _ = _source_rows(h_out, h_in, "cpu")
+    bands = []
+    for start in range(0, h_out, rows_per_band):
+        rows = slice(start, min(start + rows_per_band, h_out))
+        bands.append((rows, slice(int(y0[rows].min()), int(y1[rows].max()) + 1)))
+    return bands
+
+
+def _band_loss(band: torch.Tensor, a: torch.Tensor, a_w: torch.Tensor, labels: torch.Tensor,
                ignore_index: int) -> torch.Tensor:
-    """Summed cross-entropy of output rows `rows`, interpolated from `band` (input rows from `first`)."""
-    # columns: bilinear to the full width; rows: same height, which bilinear leaves unchanged
-    band = F.interpolate(band, size=(band.shape[2], width), mode="bilinear", align_corners=False)
-    a = band.index_select(2, y0[rows] - first)
-    b = band.index_select(2, y1[rows] - first)
-    logits = a + (b - a) * w1[rows].view(1, 1, -1, 1).to(band.dtype)
+    """Summed cross-entropy of one band of output rows, whose logits are `a @ band @ A_w^T` (`a`: the
+    band's rows of A_h, restricted to the input rows it reads). Matrix products are deterministic
+    in both directions."""
+    logits = (a @ band) @ a_w.t()
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # the softmax of 150 classes in bf16 loses the small ones
-    return F.cross_entropy(logits, labels[:, rows], ignore_index=ignore_index, reduction="sum")
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
 class _UpsampleCrossEntropy(torch.autograd.Function):
@@ -91,12 +146,11 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, low, labels, ignore_index, denom, rows_per_band):
         h_out, w_out = labels.shape[-2:]
-        y0, y1, w1 = _source_rows(h_out, low.shape[2], low.device)
+        a_h = bilinear_matrix(h_out, low.shape[2], low.device, low.dtype)
+        a_w = bilinear_matrix(w_out, low.shape[3], low.device, low.dtype)
         total = torch.zeros((), device=low.device, dtype=torch.promote_types(low.dtype, torch.float32))
-        for start in range(0, h_out, rows_per_band):
-            rows = slice(start, min(start + rows_per_band, h_out))
-            first, band = _band(low, rows, y0, y1)
-            total += _band_loss(band, first, labels, rows, y0, y1, w1, w_out, ignore_index)
+        for rows, used in _bands(h_out, low.shape[2], rows_per_band):
+            total += _band_loss(low[:, :, used], a_h[rows, used], a_w, labels[:, rows], ignore_index)
         ctx.save_for_backward(low, labels, denom)
         ctx.args = (ignore_index, rows_per_band)
         return total / denom
@@ -106,16 +160,15 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         low, labels, denom = ctx.saved_tensors
         ignore_index, rows_per_band = ctx.args
         h_out, w_out = labels.shape[-2:]
-        y0, y1, w1 = _source_rows(h_out, low.shape[2], low.device)
+        a_h = bilinear_matrix(h_out, low.shape[2], low.device, low.dtype)
+        a_w = bilinear_matrix(w_out, low.shape[3], low.device, low.dtype)
         grad = torch.zeros_like(low, dtype=torch.promote_types(low.dtype, torch.float32))
-        for start in range(0, h_out, rows_per_band):
-            rows = slice(start, min(start + rows_per_band, h_out))
-            first, band = _band(low.detach(), rows, y0, y1)
+        for rows, used in _bands(h_out, low.shape[2], rows_per_band):
             with torch.enable_grad():
-                band = band.requires_grad_()
-                loss = _band_loss(band, first, labels, rows, y0, y1, w1, w_out, ignore_index)
+                band = low[:, :, used].detach().requires_grad_()
+                loss = _band_loss(band, a_h[rows, used], a_w, labels[:, rows], ignore_index)
                 (g,) = torch.autograd.grad(loss, band, grad_out / denom)
-            grad[:, :, first:first + g.shape[2]] += g
+            grad[:, :, used] += g
         return grad.to(low.dtype), None, None, None, None
 
 
@@ -124,15 +177,35 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
 BAND_PIXELS = 2**15
 
 
+def triton_usable(low: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return low.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def upsample_cross_entropy(low: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
-                           avg_non_ignore: bool = False, band_pixels: int | None = None) -> torch.Tensor:
+                           avg_non_ignore: bool = False, band_pixels: int | None = None,
+                           backend: str = "auto") -> torch.Tensor:
     """`F.cross_entropy(F.interpolate(low, labels.shape[-2:], bilinear), labels)` with mmseg's reduction,
-    without materialising the full-resolution logits (bands of about `band_pixels` output pixels per image)."""
+    without materialising the full-resolution logits.
+
+    backend 'triton': the fused kernels of `fused_ce_triton`; 'torch': bands of about `band_pixels`
+    output pixels per image, interpolated by matrix products; 'auto': Triton on a CUDA tensor where
+    Triton is installed, else torch.
+    """
+    denom = (labels != ignore_index).sum().clamp_min(1) if avg_non_ignore else labels.new_tensor(labels.numel())
+    denom = denom.to(torch.promote_types(low.dtype, torch.float32))
+    if backend == "triton" or (backend == "auto" and low.is_cuda and triton_usable(low)):
+        if not triton_usable(low):
+            raise RuntimeError("memory.fused_upsample_backend is 'triton', but Triton is not installed or the "
+                               "logits are not on a CUDA device (on the CPU, set TRITON_INTERPRET=1)")
+        from setr_lowmem.memory.fused_ce_triton import TritonUpsampleCrossEntropy
+
+        return TritonUpsampleCrossEntropy.apply(low, labels, ignore_index, denom.float()).to(denom.dtype)
     from setr_lowmem.engine.loss import seg_cross_entropy
 
     rows = max(1, math.ceil((band_pixels or BAND_PIXELS) / labels.shape[-1]))
     if rows >= labels.shape[-2]:  # one band is the whole image: the plain ops are the same and cheaper
         return seg_cross_entropy(low, labels, ignore_index, avg_non_ignore)
-    denom = (labels != ignore_index).sum().clamp_min(1) if avg_non_ignore else labels.new_tensor(labels.numel())
-    return _UpsampleCrossEntropy.apply(low, labels, ignore_index, denom.to(torch.promote_types(low.dtype, torch.float32)),
-                                       rows)
+    return _UpsampleCrossEntropy.apply(low, labels, ignore_index, denom, rows)

@@ -36,13 +36,19 @@ class ConvModule(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Bilinear upsampling by an integer factor (align_corners False)."""
+    """Bilinear upsampling by an integer factor (align_corners False).
+
+    `resize` (None: `F.interpolate`) is a drop-in `resize(x, size)` with the same result, which a
+    memory technique may set (`memory.decoder.apply_matmul_upsample_backward`)."""
 
     def __init__(self, scale: int):
         super().__init__()
         self.scale = scale
+        self.resize = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize is not None:
+            return self.resize(x, (x.shape[-2] * self.scale, x.shape[-1] * self.scale))
         return upsample(x, self.scale)
 
     def extra_repr(self) -> str:
