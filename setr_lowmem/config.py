@@ -234,6 +234,10 @@ class MemoryConfig:
     """The fused loss's implementation: Triton kernels, PyTorch bands, or auto (Triton on CUDA if installed)."""
     upsample_backward: Literal["stock", "matmul"] = "stock"
     """Backward of the heads' bilinear upsamples: PyTorch's (atomics) or two deterministic matrix products."""
+    channels_last: bool = False
+    """Decoder convolution weights in channels-last (NHWC) layout, the layout of the encoder's maps."""
+    compile_convs: bool = False
+    """torch.compile each decoder conv + BatchNorm + ReLU unit (fuses BatchNorm and ReLU)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO through accelerate's plugin."""
 

@@ -29,6 +29,7 @@ from setr_lowmem.engine.schedule import build_scheduler
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
 from setr_lowmem.memory.decoder import apply_decoder_rewrites
 from setr_lowmem.memory.deepspeed import check_deepspeed, deepspeed_config, prepare_single_process_env
+from setr_lowmem.memory.kernels import apply_channels_last, apply_compiled_convs
 from setr_lowmem.memory.optim import build_optimizer, expected_optimizer_class
 from setr_lowmem.memory.precision import (apply_attention_kernel, apply_fp32_batchnorm, autocast_factory,
                                           input_dtype)
@@ -94,7 +95,8 @@ def make_accelerator(cfg: Config, run_dir: Path, trackers: bool = True) -> tuple
 
 def build_for_training(cfg: Config, world: int = 1, device: torch.device | None = None):
     """(SETR with its loss, optimizer): the model built plain, then each technique applied in order:
-    decoder rewrites, attention kernel, activation checkpointing, SyncBN, fp32 BatchNorm (bf16 weights)."""
+    decoder rewrites, attention kernel, activation checkpointing, SyncBN, fp32 BatchNorm (bf16 weights),
+    channels-last, compiled conv units."""
     model = build_setr(cfg)
     train_module = SegmentationLoss(model, cfg.loss)
     apply_decoder_rewrites(train_module, cfg.memory)
@@ -108,6 +110,10 @@ def build_for_training(cfg: Config, world: int = 1, device: torch.device | None 
             log.warning("train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm statistics stay per process")
     if cfg.memory.precision == "bf16_weights":
         apply_fp32_batchnorm(model)
+    if cfg.memory.channels_last:
+        apply_channels_last(model)
+    if cfg.memory.compile_convs:
+        apply_compiled_convs(model)
     return train_module, build_optimizer(model, cfg.optim)
 
 

@@ -1,0 +1,52 @@
+"""Memory layout and kernel fusion for the decoder, applied from outside the model.
+
+- **Channels-last** (`apply_channels_last`): the heads' and the neck's convolution weights in
+  NHWC layout. The encoder's maps already arrive NHWC (timm reshapes tokens to N, H, W, C and
+  permutes), so cuDNN runs the convolutions, BatchNorm and bilinear upsampling in NHWC without
+  transposes, the layout its bf16 tensor-core kernels use. Under DeepSpeed ZeRO the weights are
+  re-flattened by the engine and lose the layout; the activations keep it.
+- **Compiled conv units** (`apply_compiled_convs`): each conv + BatchNorm + ReLU unit compiled by
+  `torch.compile`, which fuses BatchNorm's normalisation and the ReLU into one elementwise
+  kernel in forward and in backward (in bf16 under autocast) instead of separate full-size passes.
+  Parameter and state-dict names are unchanged (`nn.Module.compile` compiles in place).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _decoder_modules(model: nn.Module) -> list[nn.Module]:
+    """The neck (MLA) and every head."""
+    return [m for m in [model.neck, *model.heads] if m is not None]
+
+
+def apply_channels_last(model: nn.Module) -> int:
+    """Convert the decoder's 4-D weights to channels-last; returns how many tensors changed."""
+    n = 0
+    for part in _decoder_modules(model):
+        for p in part.parameters():
+            if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+                n += 1
+    log.info("channels-last decoder: %d convolution weights converted", n)
+    return n
+
+
+def apply_compiled_convs(model: nn.Module) -> int:
+    """`torch.compile` every conv + BatchNorm + ReLU unit of the decoder; returns how many."""
+    from setr_lowmem.model.heads import ConvModule
+
+    n = 0
+    for part in _decoder_modules(model):
+        for module in part.modules():
+            if isinstance(module, ConvModule):
+                module.compile()
+                n += 1
+    log.info("torch.compile: %d conv+BatchNorm+ReLU units of the decoder", n)
+    return n
