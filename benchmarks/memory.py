@@ -7,8 +7,10 @@
 Rows, each adding one technique to the one before: naive (fp32, eager attention, no
 checkpointing, as the original code ran), bf16 autocast, SDPA attention, every encoder block
 checkpointed, each head checkpointed with its loss, the classifier moved before the last
-upsample, the upsample fused into the cross-entropy, 8-bit SGD; then ZeRO-2 and ZeRO-3 with
-CPU offload (on top of the rows before 8-bit, with the paper's torch SGD offloaded). Each row
+upsample, the upsample fused into the cross-entropy (PyTorch bands, then the Triton kernels:
+GPU only), the heads' upsample backward as matrix products, channels-last decoder weights,
+torch.compile'd conv units, 8-bit SGD; then ZeRO-2 and ZeRO-3 with CPU offload (on top of the
+rows before 8-bit except channels-last, which DeepSpeed refuses; the paper's torch SGD offloaded). Each row
 runs at every micro-batch (random data; the median step after the first is timed). For each:
 peak allocated / reserved / device-level, host RSS, the breakdown by category (PyTorch's
 MemTracker), images per second, and MFU from FLOPs counted with torch.utils.flop_counter.
@@ -44,19 +46,26 @@ ROWS = [
     ("blocks", ["memory.checkpointing=blocks", "memory.every_k=1"]),
     ("head+loss", ["memory.checkpointing=full"]),
     ("classifier first", ["memory.classifier_first=true"]),
-    ("fused upsample+CE", ["memory.fused_upsample_loss=true"]),
+    ("fused upsample+CE", ["memory.fused_upsample_loss=true", "memory.fused_upsample_backend=torch"]),
+    ("Triton fused loss", ["memory.fused_upsample_backend=triton"]),
+    ("matmul upsample bwd", ["memory.upsample_backward=matmul"]),
+    ("channels-last", ["memory.channels_last=true"]),
+    ("compiled convs", ["memory.compile_convs=true"]),
     ("8-bit SGD", ["optim.bits=8"]),
-    ("ZeRO-2 offload", ["optim.bits=32", "memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]),
+    ("ZeRO-2 offload", ["optim.bits=32", "memory.channels_last=false", "memory.deepspeed.stage=2",
+                        "memory.deepspeed.offload_optimizer=true"]),
     ("ZeRO-3 offload", ["memory.deepspeed.stage=3", "memory.deepspeed.offload_params=true"]),
 ]
+GPU_ONLY = {"Triton fused loss"}  # on the CPU, the rows after it keep the torch loss
 TINY = ["model.embed_dim=64", "model.depth=4", "model.num_heads=4", "model.out_indices=[0,1,2,3]",
         "model.head_channels=32", "data.crop=64"]
 
 
-def row_overrides(upto: str) -> list[str]:
+def row_overrides(upto: str, cuda: bool = True) -> list[str]:
     out = []
     for name, extra in ROWS:
-        out += extra
+        if cuda or name not in GPU_ONLY:
+            out += extra
         if name == upto:
             return out
     raise SystemExit(f"unknown row {upto!r}; rows: {', '.join(n for n, _ in ROWS)}")
@@ -141,12 +150,15 @@ def main() -> None:
     set_memory_cap(args.cap_gib, device)
     results = []
     for name in args.rows:
+        if not cuda and name in GPU_ONLY:
+            print(f"{name:>15}: not run (needs a GPU)")
+            continue
         failed_at = None
         for mb in batches:
             if failed_at is not None:
                 print(f"{name:>15} mb {mb:>3}: not run (micro-batch {failed_at} did not fit)")
                 continue
-            cfg = load_config(args.cfg, base + row_overrides(name) + [f"train.micro_batch={mb}",
+            cfg = load_config(args.cfg, base + row_overrides(name, cuda) + [f"train.micro_batch={mb}",
                                                                       f"train.total_batch={mb}"])
             m = measure(cfg, label=name, steps=args.steps, device=device, breakdown=not args.no_breakdown,
                         cap_gib=args.cap_gib).as_dict()
@@ -177,7 +189,7 @@ def main() -> None:
     fitted = [r for r in results if r["fits"] and not r["label"].startswith("ZeRO")]  # DeepSpeed's buffers hide the step
     if (args.timeline or args.snapshot) and fitted:
         last = fitted[-1]
-        cfg = load_config(args.cfg, base + row_overrides(last["label"]) + [
+        cfg = load_config(args.cfg, base + row_overrides(last["label"], cuda) + [
             f"train.micro_batch={last['micro_batch']}", f"train.total_batch={last['micro_batch']}"])
         step = build_step(cfg, device)
         step()  # optimizer states exist from here on

@@ -248,6 +248,9 @@ class MemoryConfig:
             raise ValueError(f"deepspeed.offload_params needs ZeRO stage 3, got stage {ds.stage}")
         if ds.offload_optimizer and ds.stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs a ZeRO stage (deepspeed.stage 1, 2 or 3)")
+        if self.channels_last and ds.stage > 0:
+            raise ValueError("memory.channels_last cannot be used with DeepSpeed (deepspeed.stage > 0): "
+                             "DeepSpeed views every weight as contiguous bytes")
         if self.precision == "bf16_weights" and ds.stage == 0:
             raise ValueError("precision bf16_weights needs DeepSpeed (deepspeed.stage 1, 2 or 3)")
 

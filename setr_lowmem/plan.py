@@ -50,15 +50,20 @@ class Plan:
                 + (", ZeRO-2 offload" if self.offload else ""))
 
 
-def technique_sets(cfg: Config, cuda: bool) -> list[tuple[str, int, bool]]:
-    """(checkpointing, bits, offload), roughly from fastest to most frugal."""
+POLICIES = ("none", "selective", "blocks", "full")
+
+
+def technique_sets(cfg: Config, cuda: bool, offload: bool | None = None,
+                   policies: tuple[str, ...] = POLICIES) -> list[tuple[str, int, bool]]:
+    """(checkpointing, bits, offload), roughly from fastest to most frugal; `offload` None: both
+    without and (on a GPU) with ZeRO-2 offload, else only that."""
     out = []
-    for offload in ([False, True] if cuda else [False]):
+    for off in ([False, True] if cuda else [False]) if offload is None else [offload]:
         for bits in (32, 8):
-            if offload and bits == 8:
+            if off and bits == 8:
                 continue  # offloaded states live on the host: 8-bit buys no GPU memory there
-            for policy in ("none", "selective", "blocks", "full"):
-                out.append((policy, bits, offload))
+            for policy in policies:
+                out.append((policy, bits, off))
     return out
 
 
@@ -76,17 +81,22 @@ def peak_of(m: Measurement, cuda: bool) -> float:
 
 
 def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int | None = None,
-           device: torch.device | None = None, report=print) -> tuple[Plan | None, list[tuple[Plan, Measurement]]]:
-    """Measure candidate plans; return (fastest plan under the budget or None, every plan tried)."""
+           device: torch.device | None = None, report=print, micro_batches: list[int] | None = None,
+           offload: bool | None = None, policies: tuple[str, ...] = POLICIES,
+           ) -> tuple[Plan | None, list[tuple[Plan, Measurement]]]:
+    """Measure candidate plans; return (fastest plan under the budget or None, every plan tried).
+    `micro_batches`, `offload` and `policies` narrow the candidates."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     total = cfg.train.total_batch
-    sizes = [b for b in range(total, 0, -1) if total % b == 0 and (max_micro_batch is None or b <= max_micro_batch)]
+    sizes = micro_batches or [b for b in range(total, 0, -1)
+                              if total % b == 0 and (max_micro_batch is None or b <= max_micro_batch)]
     tried: list[tuple[Plan, Measurement]] = []
     best: tuple[float, Plan] | None = None
-    set_memory_cap(budget_gib, device)  # a candidate over the budget fails fast instead of using the whole card
+    if cuda and budget_gib != float("inf"):
+        set_memory_cap(budget_gib, device)  # a candidate over the budget fails fast instead of using the whole card
     try:
-        _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report)
+        _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, technique_sets(cfg, cuda, offload, policies))
     finally:
         set_memory_cap(None, device)
     for plan, m in tried:
@@ -95,13 +105,13 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
     return (best[1] if best else None), tried
 
 
-def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report) -> None:
+def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidates) -> None:
     total = cfg.train.total_batch
-    for policy, bits, offload in technique_sets(cfg, cuda):
+    for policy, bits, offload in candidates:
         for mb in sizes:
             plan = Plan(mb, policy, bits, offload)
             m = measure(apply_plan(cfg, plan), label=plan.describe(total), steps=steps, device=device,
-                        breakdown=not cuda, cap_gib=budget_gib if cuda else None)
+                        breakdown=not cuda, cap_gib=budget_gib if cuda and budget_gib != float("inf") else None)
             fits = m.fits and peak_of(m, cuda) <= budget_gib
             if m.fits and not fits:
                 m.note = m.note or f"peak {peak_of(m, cuda):.2f} GiB over the {budget_gib:g} GiB budget"

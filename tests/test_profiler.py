@@ -113,6 +113,30 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert (tmp_path / f"{next(iter(stems))}_timeline.png").stat().st_size > 1000
 
 
+def test_benchmark_rows_of_the_decoder_levers_run_on_the_cpu(tmp_path):
+    proc = run([sys.executable, "benchmarks/memory.py", "--rows", "fused upsample+CE", "Triton fused loss",
+                "compiled convs", "--batches", "2", "--steps", "2", "--out", str(tmp_path), "--no-breakdown"])
+    assert "Triton fused loss: not run (needs a GPU)" in proc.stdout
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["label"] for r in data["results"]] == ["fused upsample+CE", "compiled convs"]
+    assert all(r["fits"] and r["img_s"] > 0 for r in data["results"])
+
+
+def test_targets_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/targets.py: the planner's pick with the levers on, then the same plan with them off."""
+    run([sys.executable, "benchmarks/targets.py", "--case", "ade20k-mb16", "--policies", "none", "full",
+         "--steps", "2", "--out", str(tmp_path)])
+    data = json.loads(next(tmp_path.glob("targets_cpu-tiny_*.json")).read_text())
+    (r,) = data["results"]
+    assert [(t["plan"]["checkpointing"], t["plan"]["bits"], t["micro_batch"]) for t in r["tried"]] == [
+        ("none", 32, 16), ("full", 32, 16), ("none", 8, 16), ("full", 8, 16)]
+    assert r["levers_on"]["fits"] and r["levers_off"]["fits"] and r["verdict"].startswith("not judged")
+    assert r["levers_off"]["micro_batch"] == r["levers_on"]["micro_batch"] == 16  # the same plan, levers off
+    assert r["levers_off"]["img_s"] > 0 and r["levers_off"]["allocated"] > 0
+    md = next(tmp_path.glob("targets_cpu-tiny_*.md")).read_text()
+    assert "| ADE20K 512, micro-batch 16, no accumulation | <= 12 GiB (device <= 13), >= 80 img/s |" in md
+
+
 def test_memory_timeline_png(tmp_path):
     step = build_step(cfg(), torch.device("cpu"))
     path = memory_timeline_png(step, str(tmp_path / "t.png"), torch.device("cpu"))

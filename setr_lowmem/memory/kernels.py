@@ -42,11 +42,16 @@ def apply_compiled_convs(model: nn.Module) -> int:
     """`torch.compile` every conv + BatchNorm + ReLU unit of the decoder; returns how many."""
     from setr_lowmem.model.heads import ConvModule
 
+    # All units share one code object (ConvModule.forward); every shape and dtype they meet (fp32
+    # after a LayerNorm, bf16 after an upsample, per head and stage) is a variant counted
+    # against one limit, past which Dynamo silently runs the rest eagerly.
+    limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.recompile_limit = limit
     n = 0
     for part in _decoder_modules(model):
         for module in part.modules():
             if isinstance(module, ConvModule):
                 module.compile()
                 n += 1
-    log.info("torch.compile: %d conv+BatchNorm+ReLU units of the decoder", n)
+    log.info("torch.compile: %d conv+BatchNorm+ReLU units of the decoder (recompile limit %d)", n, limit)
     return n
