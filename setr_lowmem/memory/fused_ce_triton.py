@@ -32,6 +32,17 @@ def _source(o, scale, size_in):
 
 
 @triton.jit
+def _reader(o, size_out, scale, size_in, i):
+    """Output index `o` (possibly outside 0..size_out-1) as seen from input index `i`: the index
+    clamped into range, its sources (i0, i1, weight of i1), and the weight it gives `i` (0 outside)."""
+    inside = (o >= 0) & (o < size_out)
+    o = tl.minimum(tl.maximum(o, 0), size_out - 1)
+    i0, i1, frac = _source(o, scale, size_in)
+    w = tl.where(i0 == i, 1.0 - frac, 0.0) + tl.where(i1 == i, frac, 0.0)
+    return o, i0, i1, frac, tl.where(inside, w, 0.0)
+
+
+@triton.jit
 def _interpolate(base, c_off, mask, y0, y1, ly, x0, x1, lx, s_h, s_w):
     """Bilinear value of the classes at `c_off` for the pixels whose sources are (y0, y1, x0, x1)."""
     v00 = tl.load(base + (y0 * s_h + x0 * s_w)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
@@ -90,30 +101,31 @@ def _backward_kernel(low_ptr, label_ptr, lse_ptr, gscale_ptr, grad_ptr, C, H_in,
     g = tl.load(gscale_ptr)
     acc = tl.zeros([BLOCK_Q, BLOCK_C], tl.float32)
     for dy in range(WIN_H):
-        oy = oy_first + dy
-        oy_ok = (oy >= 0) & (oy < H_out)
-        oy = tl.minimum(tl.maximum(oy, 0), H_out - 1)
-        y0, y1, ly = _source(oy, scale_h, H_in)
-        wy = tl.where(y0 == iy, 1.0 - ly, 0.0) + tl.where(y1 == iy, ly, 0.0)
-        wy = tl.where(oy_ok, wy, 0.0)
-        for dx in range(WIN_W):
-            ox = ox_first + dx
-            ox_ok = (ox >= 0) & (ox < W_out)
-            ox = tl.minimum(tl.maximum(ox, 0), W_out - 1)
-            x0, x1, lx = _source(ox, scale_w, W_in)
-            wx = tl.where(x0 == ix, 1.0 - lx, 0.0) + tl.where(x1 == ix, lx, 0.0)
-            w = tl.where(ox_ok, wy * wx, 0.0)
-            p = n * H_out * W_out + oy * W_out + ox
-            active = q_mask & (w != 0.0)
-            target = tl.load(label_ptr + p, mask=active, other=ignore_index).to(tl.int32)
-            valid = active & (target != ignore_index)
-            lse = tl.load(lse_ptr + p, mask=valid, other=0.0)
-            mask = valid[:, None] & c_mask[None, :]
-            z = _interpolate(base, c_off, mask, y0, y1, ly, x0, x1, lx, s_h, s_w)
-            d = tl.exp(z - lse[:, None]) - tl.where(c[None, :] == target[:, None], 1.0, 0.0)
-            acc += tl.where(mask, d * (w * g)[:, None], 0.0)
+        oy, y0, y1, ly, wy = _reader(oy_first + dy, H_out, scale_h, H_in, iy)
+        # The window has margins: rows (and below, columns) that no pixel of the block reads are skipped.
+        if tl.max(wy, axis=0) > 0.0:
+            for dx in range(WIN_W):
+                ox, x0, x1, lx, wx = _reader(ox_first + dx, W_out, scale_w, W_in, ix)
+                if tl.max(wx, axis=0) > 0.0:
+                    acc += _gather_gradient(base, c_off, c, c_mask, q_mask, label_ptr, lse_ptr, g,
+                                            n * H_out * W_out + oy * W_out + ox, wy * wx, ignore_index,
+                                            y0, y1, ly, x0, x1, lx, s_h, s_w)
     out = grad_ptr + n * C * H_in * W_in + c[None, :] * H_in * W_in + q[:, None]
     tl.store(out, acc, mask=q_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _gather_gradient(base, c_off, c, c_mask, q_mask, label_ptr, lse_ptr, g, p, w, ignore_index,
+                     y0, y1, ly, x0, x1, lx, s_h, s_w):
+    """Each block pixel's share `w` of the gradient at output pixel `p`: w * g * (softmax - one-hot)."""
+    active = q_mask & (w != 0.0)
+    target = tl.load(label_ptr + p, mask=active, other=ignore_index).to(tl.int32)
+    valid = active & (target != ignore_index)
+    lse = tl.load(lse_ptr + p, mask=valid, other=0.0)
+    mask = valid[:, None] & c_mask[None, :]
+    z = _interpolate(base, c_off, mask, y0, y1, ly, x0, x1, lx, s_h, s_w)
+    d = tl.exp(z - lse[:, None]) - tl.where(c[None, :] == target[:, None], 1.0, 0.0)
+    return tl.where(mask, d * (w * g)[:, None], 0.0)
 
 
 # Tiles and warps: the largest that compile for sm_90 without spilling registers (checked by
