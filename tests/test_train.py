@@ -30,6 +30,9 @@ MODES = {
     "zero2_bf16_weights": (["memory.deepspeed.stage=2", "memory.precision=bf16_weights"],
                            "bf16 weights with fp32 master copies"),
     "full_checkpointing": (["memory.checkpointing=full"], "wrapped every encoder block, the neck and each head"),
+    "decoder_levers": (LEVERS := ["memory.precision=bf16", "memory.upsample_backward=matmul", "memory.channels_last=true",
+                                  "memory.compile_convs=true", "memory.fused_upsample_backend=torch"],
+                       "torch.compile: 10 conv+BatchNorm+ReLU units of the decoder"),
 }
 
 
@@ -51,6 +54,7 @@ RESUME_MODES = {
     "fp32": [],
     "sgd8": ["optim.bits=8"],
     "zero2_offload": ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"],
+    "decoder_levers": LEVERS,
 }
 
 
