@@ -9,11 +9,15 @@ rewrites remove most of that without changing the result:
   classify at the lower resolution and upsample `num_classes` channels instead of 256. The
   parameters are untouched (checkpoints load either way); logits agree to rounding.
 - **Upsample fused into the cross-entropy** (`upsample_cross_entropy`). The loss reads the
-  low-resolution logits and interpolates them to the label's size a band of rows at a time,
-  in forward and again in backward, so full-resolution logits, their softmax and their
-  gradient never exist for the whole image. Bilinear interpolation is separable: each band is
-  the column interpolation of the few input rows it needs, blended between two rows, exactly
-  as `F.interpolate(..., mode="bilinear", align_corners=False)` computes it.
+  low-resolution logits, so full-resolution logits, their softmax and their gradient never
+  exist for the whole image. Two implementations: Triton kernels (`fused_ce_triton`: per-pixel
+  log-sum-exp in forward, a deterministic gather in backward) on CUDA, and bands of output rows
+  in PyTorch elsewhere, each band interpolated as `A_h[rows] @ low @ A_w^T` with PyTorch's own
+  bilinear weights (`bilinear_matrix`) and recomputed in backward.
+
+A third, optional lever changes no memory but the backward of the heads' remaining bilinear
+upsamples (`apply_matmul_upsample_backward`): two matrix products instead of PyTorch's
+scatter with atomics, so their gradients no longer depend on the order atomics land in.
 """
 
 from __future__ import annotations
