@@ -34,7 +34,8 @@ from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
 from setr_lowmem.config import load_config  # noqa: E402
-from setr_lowmem.measure import build_step, measure, set_memory_cap  # noqa: E402
+from setr_lowmem.measure import (benchmark_overrides, build_step, device_tag, fmt, fmt_mfu, measure,  # noqa: E402
+                                 set_memory_cap)
 from setr_lowmem.profiler import memory_timeline_png, record_snapshot  # noqa: E402
 
 # (row name, overrides added to everything before it)
@@ -57,8 +58,6 @@ ROWS = [
     ("ZeRO-3 offload", ["memory.deepspeed.stage=3", "memory.deepspeed.offload_params=true"]),
 ]
 GPU_ONLY = {"Triton fused loss"}  # on the CPU, the rows after it keep the torch loss
-TINY = ["model.embed_dim=64", "model.depth=4", "model.num_heads=4", "model.out_indices=[0,1,2,3]",
-        "model.head_channels=32", "data.crop=64"]
 
 
 def row_overrides(upto: str, cuda: bool = True) -> list[str]:
@@ -71,16 +70,6 @@ def row_overrides(upto: str, cuda: bool = True) -> list[str]:
     raise SystemExit(f"unknown row {upto!r}; rows: {', '.join(n for n, _ in ROWS)}")
 
 
-def gpu_tag(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu-tiny"
-    return torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-")
-
-
-def fmt(x: float, digits: int = 2) -> str:
-    return "-" if x != x else f"{x:.{digits}f}"
-
-
 def table(results: list[dict], cuda: bool) -> str:
     head = ("| row | micro-batch | fits | peak alloc GiB | peak reserved GiB | device GiB | host RSS GiB | "
             "params | grads | optimizer | activations | temporaries | img/s | MFU | note |")
@@ -91,7 +80,7 @@ def table(results: list[dict], cuda: bool) -> str:
             r["label"], str(r["micro_batch"]), "yes" if r["fits"] else "**no**", fmt(r["allocated"]),
             fmt(r["reserved"]), fmt(r["device"]), fmt(r["host_rss"]),
             *(fmt(c.get(k, float("nan")), 3) for k in ("params", "grads", "optimizer", "activations", "temporaries")),
-            fmt(r["img_s"], 1), (f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"), r["note"]]) + " |")
+            fmt(r["img_s"], 1), fmt_mfu(r["mfu"]), r["note"]]) + " |")
     if not cuda:
         lines.append("\nCPU run on a tiny model: peak alloc is MemTracker's tracked peak; reserved and device "
                      "figures need a GPU.")
@@ -143,7 +132,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    base = list(args.overrides) + ([] if cuda else TINY) + ["model.pretrained=", "data.num_workers=0"]
+    base = benchmark_overrides(args.overrides, cuda)
     batches = args.batches or ([1, 2, 4, 8, 16] if cuda else [1, 2, 4])
     if not cuda:
         print("no GPU: running the same matrix on a tiny SETR-PUP on the CPU (64x64 crops, 4 blocks, 64 wide)")
@@ -169,10 +158,10 @@ def main() -> None:
             if not m["fits"]:
                 failed_at = mb
     date = datetime.date.today().isoformat()
-    stem = f"memory_{gpu_tag(device)}_{date}" + (f"_cap{args.cap_gib:g}" if args.cap_gib else "")
+    stem = f"memory_{device_tag(device)}_{date}" + (f"_cap{args.cap_gib:g}" if args.cap_gib else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = (f"SETR-PUP {args.cfg} on {gpu_tag(device)}" + (f", capped at {args.cap_gib:g} GiB" if args.cap_gib else "")
+    title = (f"SETR-PUP {args.cfg} on {device_tag(device)}" + (f", capped at {args.cap_gib:g} GiB" if args.cap_gib else "")
              + f", {date}")
     md = f"# {title}\n\n{table(results, cuda)}\n"
     (out / f"{stem}.md").write_text(md)

@@ -32,7 +32,8 @@ from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
 from setr_lowmem.config import load_config  # noqa: E402
-from setr_lowmem.measure import measure, set_memory_cap  # noqa: E402
+from setr_lowmem.measure import (benchmark_overrides, device_tag, fmt, fmt_mfu, measure,  # noqa: E402
+                                 set_memory_cap)
 from setr_lowmem.plan import POLICIES, apply_plan, search  # noqa: E402
 
 
@@ -61,13 +62,10 @@ LEVERS_ON = ["memory.precision=bf16", "memory.attention=sdpa", "memory.classifie
 LEVERS_OFF = ["memory.precision=bf16", "memory.attention=sdpa", "memory.classifier_first=true",
               "memory.fused_upsample_loss=false", "memory.upsample_backward=stock", "memory.channels_last=false",
               "memory.compile_convs=false"]
-TINY = ["model.embed_dim=64", "model.depth=4", "model.num_heads=4", "model.out_indices=[0,1,2,3]",
-        "model.head_channels=32", "data.crop=64"]
 
 
 def run_case(key: str, case: Case, cuda: bool, steps: int, policies: tuple[str, ...], extra: list[str]) -> dict:
-    base = extra + ([] if cuda else TINY) + ["model.pretrained=", "data.num_workers=0",
-                                             f"train.total_batch={case.total_batch}"]
+    base = benchmark_overrides(extra, cuda) + [f"train.total_batch={case.total_batch}"]
     budget = (case.device_gib or case.reserved_gib) if cuda else float("inf")
     on = LEVERS_ON + (["memory.channels_last=false"] if case.offload else [])  # DeepSpeed refuses channels-last
     cfg = load_config(case.cfg, base + on)
@@ -93,10 +91,6 @@ def run_case(key: str, case: Case, cuda: bool, steps: int, policies: tuple[str, 
     return out
 
 
-def fmt(x: float, digits: int = 2) -> str:
-    return "-" if x is None or x != x else f"{x:.{digits}f}"
-
-
 def table(results: list[dict], cuda: bool) -> str:
     peak = "reserved" if cuda else "allocated"
     lines = ["| case | target | plan | peak " + peak + " GiB | device GiB | img/s | MFU | levers off: peak / img/s | "
@@ -111,7 +105,7 @@ def table(results: list[dict], cuda: bool) -> str:
         on, off = r["levers_on"], r["levers_off"]
         lines.append("| " + " | ".join([
             c["title"], target, r["plan_text"], fmt(on[peak]), fmt(on["device"]), fmt(on["img_s"], 1),
-            f"{100 * on['mfu']:.1f}%" if on["mfu"] == on["mfu"] else "-",
+            fmt_mfu(on["mfu"]),
             f"{fmt(off[peak])} / {fmt(off['img_s'], 1)}", fmt(off[peak] / on[peak]) + "x",
             fmt(on["img_s"] / off["img_s"]) + "x", r["verdict"]]) + " |")
     return "\n".join(lines)
@@ -131,7 +125,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     set_memory_cap(args.cap_gib, device)
     results = [run_case(k, CASES[k], cuda, args.steps, tuple(args.policies), list(args.overrides)) for k in args.case]
-    tag = torch.cuda.get_device_name(device).replace(" ", "-") if cuda else "cpu-tiny"
+    tag = device_tag(device)
     date = datetime.date.today().isoformat()
     stem = f"targets_{tag}_{date}" + (f"_cap{args.cap_gib:g}" if args.cap_gib else "")
     out = Path(args.out)

@@ -43,6 +43,32 @@ def peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+# What the benchmarks measure without a GPU: a tiny SETR-PUP (64x64 crops, 4 blocks, 64 wide) on the CPU.
+TINY_OVERRIDES = ["model.embed_dim=64", "model.depth=4", "model.num_heads=4", "model.out_indices=[0,1,2,3]",
+                  "model.head_channels=32", "data.crop=64"]
+
+
+def benchmark_overrides(overrides: list[str], cuda: bool) -> list[str]:
+    """The user's overrides, the tiny model without a GPU, random initial weights, data in-process."""
+    return list(overrides) + ([] if cuda else TINY_OVERRIDES) + ["model.pretrained=", "data.num_workers=0"]
+
+
+def device_tag(device: torch.device) -> str:
+    """'H100-80GB-HBM3' (the GPU's name, for result file names), or 'cpu-tiny'."""
+    if device.type != "cuda":
+        return "cpu-tiny"
+    return torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-")
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A figure for a results table; '-' for one not measured (None or NaN)."""
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def fmt_mfu(mfu: float) -> str:
+    return "-" if mfu != mfu else f"{100 * mfu:.1f}%"
+
+
 @dataclass
 class Measurement:
     label: str

@@ -93,8 +93,7 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
                               if total % b == 0 and (max_micro_batch is None or b <= max_micro_batch)]
     tried: list[tuple[Plan, Measurement]] = []
     best: tuple[float, Plan] | None = None
-    if cuda and budget_gib != float("inf"):
-        set_memory_cap(budget_gib, device)  # a candidate over the budget fails fast instead of using the whole card
+    set_memory_cap(budget_gib, device)  # a candidate over the budget fails fast instead of using the whole card
     try:
         _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, technique_sets(cfg, cuda, offload, policies))
     finally:
@@ -111,7 +110,7 @@ def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidat
         for mb in sizes:
             plan = Plan(mb, policy, bits, offload)
             m = measure(apply_plan(cfg, plan), label=plan.describe(total), steps=steps, device=device,
-                        breakdown=not cuda, cap_gib=budget_gib if cuda and budget_gib != float("inf") else None)
+                        breakdown=not cuda, cap_gib=budget_gib if cuda else None)
             fits = m.fits and peak_of(m, cuda) <= budget_gib
             if m.fits and not fits:
                 m.note = m.note or f"peak {peak_of(m, cuda):.2f} GiB over the {budget_gib:g} GiB budget"

@@ -1,8 +1,9 @@
 """Peak memory: what the caching allocator handed out, what it reserved, what the card holds
 (CUDA context included), and the host's resident memory (where offloading moves things).
 
-`MemoryMeter` is cheap enough to sample every iteration; the detailed breakdown by
-category and phase is in `setr_lowmem.memory_breakdown`.
+`MemoryMeter` is cheap enough to sample every iteration; `breakdown_step` gives the detailed
+breakdown by category and phase (PyTorch's MemTracker), `memory_timeline_png` and
+`record_snapshot` the profiler's timeline and a CUDA snapshot.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class MemoryMeter:
         self.device = device
         self.cuda = device.type == "cuda"
         self.device_peak = 0.0
-        self.baseline_device = 0.0
 
     def reset(self) -> None:
         if self.cuda:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from setr_lowmem.engine.checkpoint import WRAPPER
 from setr_lowmem.engine.loss import SegmentationLoss
 from setr_lowmem.memory.allocator import SETTING, configure_cuda_allocator
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
@@ -148,7 +149,7 @@ def test_rewrites_give_the_reference_loss_and_gradients(decoder, policy, band_ro
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-8)
     grads = {n: p.grad for n, p in ref.model.named_parameters()}
     for n, p in new.model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n.replace("_checkpoint_wrapped_module.", "")], rtol=1e-5,
+        torch.testing.assert_close(p.grad, grads[n.replace(WRAPPER, "")], rtol=1e-5,
                                    atol=1e-9, msg=n)
     # the evaluation path (model.predict) gets the same logits too
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_triton_loss_and_matmul_upsample_backward_give_the_reference_gradients(d
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     grads = {n: p.grad for n, p in ref.model.named_parameters()}
     for n, p in new.model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n.replace("_checkpoint_wrapped_module.", "")], rtol=1e-3,
+        torch.testing.assert_close(p.grad, grads[n.replace(WRAPPER, "")], rtol=1e-3,
                                    atol=1e-6, msg=n)
 
 

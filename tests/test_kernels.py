@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from setr_lowmem.engine.checkpoint import WRAPPER
 from setr_lowmem.engine.train import build_for_training
 from tests.conftest import tiny_config
 
@@ -16,7 +17,7 @@ def step(decoder: str, images, labels, **memory):
     module, optimizer = build_for_training(cfg)
     loss, _ = module(images, labels)
     loss.backward()
-    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in module.model.named_parameters()}
+    grads = {n.replace(WRAPPER, ""): p.grad.clone() for n, p in module.model.named_parameters()}
     optimizer.step()
     return module, loss.detach(), grads
 

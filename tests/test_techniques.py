@@ -12,6 +12,7 @@ from accelerate.state import AcceleratorState
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.flop_counter import FlopCounterMode
 
+from setr_lowmem.engine.checkpoint import WRAPPER
 from setr_lowmem.engine.loss import SegmentationLoss
 from setr_lowmem.engine.schedule import build_scheduler, poly_lr
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
@@ -80,7 +81,7 @@ def test_checkpointing_leaves_loss_and_gradients_unchanged(policy):
     torch.testing.assert_close(losses[0], losses[1])
     grads_ref = {n: p.grad for n, p in ref.model.named_parameters()}
     for n, p in ckpt.model.named_parameters():
-        torch.testing.assert_close(p.grad, grads_ref[n.replace("_checkpoint_wrapped_module.", "")], msg=n)
+        torch.testing.assert_close(p.grad, grads_ref[n.replace(WRAPPER, "")], msg=n)
     # the state dict is the model's own: checkpoints load either way; and recomputation did not
     # update BatchNorm's running statistics a second time
     ref_state, ckpt_state = ref.model.state_dict(), ckpt.model.state_dict()

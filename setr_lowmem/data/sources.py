@@ -83,7 +83,8 @@ def _pairs(images: list[Path], labels: list[Path], key_img, key_lbl, where: str)
     return [str(by_img[k]) for k in keys], [str(by_lbl[k]) for k in keys]
 
 
-def _rows(images: list[str], labels: list[str]) -> datasets.Dataset:
+def pair_rows(images: list, labels: list) -> datasets.Dataset:
+    """Undecoded `image` and `label` columns: paths, or datasets.Image dicts with encoded bytes."""
     features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)})
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
@@ -101,7 +102,7 @@ def ade20k(root: Path, split: str) -> Source:
     _require(root / "annotations" / sub, layout)
     imgs, lbls = _pairs(sorted((root / "images" / sub).glob("*.jpg")), sorted((root / "annotations" / sub).glob("*.png")),
                         lambda p: p.stem, lambda p: p.stem, f"ADE20K {root} split {sub}")
-    return Source(_rows(imgs, lbls), reduce_zero_lut(), f"ade20k/{sub}")
+    return Source(pair_rows(imgs, lbls), reduce_zero_lut(), f"ade20k/{sub}")
 
 
 def cityscapes(root: Path, split: str) -> Source:
@@ -120,14 +121,14 @@ def cityscapes(root: Path, split: str) -> Source:
         train_ids = _convert_cityscapes(sorted((root / "gtFine" / split).glob("*/*_gtFine_labelIds.png")), root)
     imgs, lbls = _pairs(images, train_ids, lambda p: p.name.removesuffix("_leftImg8bit.png"),
                         lambda p: p.name.removesuffix("_gtFine_labelTrainIds.png"), f"Cityscapes {root} split {split}")
-    return Source(_rows(imgs, lbls), identity_lut(), f"cityscapes/{split}")
+    return Source(pair_rows(imgs, lbls), identity_lut(), f"cityscapes/{split}")
 
 
 def _convert_cityscapes(label_ids: list[Path], root: Path) -> list[Path]:
     lut = cityscapes_lut()
     out = []
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "setr_lowmem" / "cityscapes"
-    writable = all(os.access(p.parent, os.W_OK) for p in {q.parent: q for q in label_ids}.values())
+    writable = all(os.access(d, os.W_OK) for d in {p.parent for p in label_ids})
     if label_ids:
         log.info("converting %d Cityscapes labelIds files to trainIds (once)", len(label_ids))
     for src in label_ids:
@@ -165,7 +166,7 @@ def pascal_context(root: Path, split: str, drop_background: bool) -> Source:
         raise DataError(f"Pascal Context {root} split {split}: {len(missing)} file(s) listed in {listing.name} "
                         f"are missing, e.g. " + ", ".join(missing[:3]))
     lut = reduce_zero_lut() if drop_background else identity_lut()
-    return Source(_rows([str(p) for p in imgs], [str(p) for p in lbls]), lut,
+    return Source(pair_rows([str(p) for p in imgs], [str(p) for p in lbls]), lut,
                   f"pascal_context{'59' if drop_background else ''}/{split}")
 
 

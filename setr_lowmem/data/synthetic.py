@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from setr_lowmem.config import DataConfig
+from setr_lowmem.data.sources import DataError, Source, identity_lut, pair_rows
 
 # class id -> (name, shape, texture, base hue in [0, 1))
 CLASSES = [
@@ -129,13 +130,10 @@ def generate(num: int, size: int, num_classes: int, seed: int, split: str) -> da
         img, lbl = make_scene(size, num_classes, np.random.default_rng([seed, split_id, i]))
         images.append({"bytes": _png(img), "path": None})
         labels.append({"bytes": _png(lbl), "path": None})
-    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)})
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    return pair_rows(images, labels)
 
 
-def synthetic_source(cfg: DataConfig, split: str):
-    from setr_lowmem.data.sources import DataError, Source, identity_lut
-
+def synthetic_source(cfg: DataConfig, split: str) -> Source:
     s = cfg.synthetic
     num = {"train": s.num_train, "val": s.num_val}.get(split)
     if num is None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from setr_lowmem.config import OptimConfig
 from setr_lowmem.engine.checkpoint import WRAPPER
+from setr_lowmem.model.setr import is_head_parameter
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        clean = name.replace(WRAPPER, "")
-        is_head = clean.startswith(("decode_head.", "auxiliary_head."))
+        is_head = is_head_parameter(name.replace(WRAPPER, ""))
         no_decay = cfg.name == "adamw" and p.ndim <= 1
         groups.setdefault((is_head, no_decay), []).append(p)
     return [{"params": params, "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
@@ -41,17 +41,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
-    if cfg.bits == 8:
-        import bitsandbytes as bnb
-
-        if cfg.name == "sgd":
-            opt = bnb.optim.SGD8bit(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    elif cfg.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    extra = {"momentum": cfg.momentum} if cfg.name == "sgd" else {"betas": cfg.betas}
+    opt = expected_optimizer_class(cfg)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
     sizes = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']) / 1e6:.2f}M at lr {g['lr']:g}"
                       for g in groups)
     log.info("optimizer %s (%d-bit states): %s", type(opt).__name__, cfg.bits, sizes)
@@ -69,6 +60,7 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
 
 
 def expected_optimizer_class(cfg: OptimConfig) -> type:
+    """The optimizer class `cfg` names: torch's SGD/AdamW or bitsandbytes' 8-bit ones."""
     if cfg.bits == 8:
         import bitsandbytes as bnb
 

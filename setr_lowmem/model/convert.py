@@ -17,7 +17,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from setr_lowmem.model.encoder import WeightsError
+from setr_lowmem.model.encoder import WeightsError, read_state_dict, shape_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ def load_mmseg_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[
     at another crop. A checkpoint of another model (a shape mismatch, or most keys absent)
     is an error; otherwise missing and unexpected keys are reported.
     """
-    from setr_lowmem.model.encoder import read_state_dict
-
     raw = read_state_dict(path)
     sd, unknown = mmseg_to_setr_lowmem(raw)
     target = model.state_dict()
@@ -68,12 +66,9 @@ def load_mmseg_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[
         sd["encoder.pos_embed"] = resample_abs_pos_embed(
             pos, new_size=list(model.encoder.patch_embed.grid_size), num_prefix_tokens=1,
             interpolation="bilinear", antialias=False, align_corners=False)
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
-             for k, v in sd.items() if k in target and v.shape != target[k].shape]
-    if wrong:
-        raise WeightsError(f"{path} does not fit this model: shape mismatch {wrong[0]}"
-                           + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else "")
-                           + " (check model.decoder and data.num_classes)")
+    mismatch = shape_mismatch(sd, target)
+    if mismatch:
+        raise WeightsError(f"{path} does not fit this model: {mismatch} (check model.decoder and data.num_classes)")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if len(missing) > len(target) // 2:

@@ -90,6 +90,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def shape_mismatch(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> str:
+    """'' if every key of `sd` that `target` has is of the same shape, else 'shape mismatch <first> (+n more)'."""
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+             for k, v in sd.items() if k in target and v.shape != target[k].shape]
+    if not wrong:
+        return ""
+    return f"shape mismatch {wrong[0]}" + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else "")
+
+
 def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -129,11 +138,9 @@ def load_pretrained_encoder(encoder: VisionTransformer, source: str) -> dict[str
         raise WeightsError(f"{where} is not a timm ViT state dict (no pos_embed / patch_embed.proj.weight)")
     sd = checkpoint_filter_fn(sd, encoder, interpolation="bilinear", antialias=False, align_corners=False)
     target = encoder.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
-             for k, v in sd.items() if k in target and v.shape != target[k].shape]
-    if wrong:
-        raise WeightsError(f"{where} is of another model: shape mismatch {wrong[0]}"
-                           + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    mismatch = shape_mismatch(sd, target)
+    if mismatch:
+        raise WeightsError(f"{where} is of another model: {mismatch}")
     result = encoder.load_state_dict(sd, strict=False)
     report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
     if len(report["missing"]) > len(target) // 2:

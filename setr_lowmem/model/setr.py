@@ -90,7 +90,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def head_parameter_names(model: SETR) -> set[str]:
-    """Parameters that get the head lr multiplier: mmseg matches 'head' in the name (decode and
-    aux heads; the MLA neck keeps the base lr)."""
-    return {n for n, _ in model.named_parameters() if n.startswith(("decode_head.", "auxiliary_head."))}
+def is_head_parameter(name: str) -> bool:
+    """Whether parameter `name` (of SETR) gets the head lr multiplier: mmseg matches 'head' in the
+    name (decode and aux heads; the MLA neck keeps the base lr)."""
+    return name.startswith(("decode_head.", "auxiliary_head."))
