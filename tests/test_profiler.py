@@ -13,7 +13,7 @@ from setr_lowmem.config import load_config
 from setr_lowmem.measure import build_step, measure, train_flops_per_image
 from setr_lowmem.plan import apply_plan, search
 from setr_lowmem.profiler import Peaks, breakdown_step, fit_line, memory_timeline_png, timeline_peak
-from tests.helpers import run
+from tests.helpers import ROOT, run
 
 TINY = ["model.embed_dim=128", "model.depth=2", "model.num_heads=4", "model.out_indices=[0,0,1,1]",
         "model.head_channels=32", "data.crop=64", "model.pretrained=", "data.num_workers=0"]
@@ -120,6 +120,24 @@ def test_benchmark_rows_of_the_decoder_levers_run_on_the_cpu(tmp_path):
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert [r["label"] for r in data["results"]] == ["fused upsample+CE", "compiled convs"]
     assert all(r["fits"] and r["img_s"] > 0 for r in data["results"])
+    # the rows are cumulative; on the CPU the later ones keep the PyTorch loss instead of Triton's
+    bench = load_benchmark("memory")
+    gpu, cpu = bench.row_overrides("compiled convs", cuda=True), bench.row_overrides("compiled convs", cuda=False)
+    assert "memory.fused_upsample_backend=triton" in gpu and "memory.fused_upsample_backend=triton" not in cpu
+    assert [x for x in gpu if x != "memory.fused_upsample_backend=triton"] == cpu
+    assert cpu[-4:] == ["memory.fused_upsample_backend=torch", "memory.upsample_backward=matmul",
+                        "memory.channels_last=true", "memory.compile_convs=true"]
+    assert "memory.channels_last=false" in bench.row_overrides("ZeRO-2 offload")  # DeepSpeed refuses NHWC weights
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its functions, without running its main)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_targets_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
