@@ -32,7 +32,7 @@ def main() -> None:
     from PIL import Image
 
     from setr_lowmem.config import load_config
-    from setr_lowmem.data.sources import _open
+    from setr_lowmem.data.sources import open_image
     from setr_lowmem.engine.evaluate import predict_probs
     from setr_lowmem.engine.inference import load_trained, overlay
 
@@ -48,7 +48,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
-        image = np.array(_open(path, "RGB"))
+        image = np.array(open_image(path, "RGB"))
         pred = predict_probs(model, image, cfg, device, autocast).argmax(0).cpu().numpy().astype(np.uint8)
         Image.fromarray(overlay(image, pred, cfg.data.num_classes)).save(out / f"{path.stem}.png")
         Image.fromarray(pred).save(out / f"{path.stem}_label.png")

@@ -203,3 +203,23 @@ def test_embedded_dataset_is_learned_well_above_chance(tmp_path):
     chance = 100 * np.mean(labels == 0) / 9
     print(f"mIoU {miou:.2f} after 300 iterations; constant-prediction baseline {chance:.2f}")
     assert miou > 3 * chance and miou > 30, (miou, chance)
+    # launch/predict.py on a folder of those images: a label map per image, right more often than all-background
+    from PIL import Image
+
+    folder, pred_dir = tmp_path / "images", tmp_path / "pred"
+    folder.mkdir()
+    truth = {}
+    for i in range(4):
+        image, label, _ = load_pair(src.rows, i, src.lut, 9)
+        Image.fromarray(image).save(folder / f"scene{i}.png")
+        truth[f"scene{i}"] = label
+    run([sys.executable, "launch/predict.py", "--cfg", "test_tiny", "--checkpoint", str(out / "model.safetensors"),
+         "--input", str(folder), "--out", str(pred_dir), "model.embed_dim=64", "model.num_heads=4",
+         "model.head_channels=32"])
+    hits = background = 0
+    for name, label in truth.items():
+        pred = np.asarray(Image.open(pred_dir / f"{name}_label.png"))
+        assert pred.shape == label.shape and (pred_dir / f"{name}.png").is_file()
+        hits += int((pred == label).sum())
+        background += int((label == 0).sum())
+    assert hits > background, (hits, background)

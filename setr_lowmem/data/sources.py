@@ -136,7 +136,7 @@ def _convert_cityscapes(label_ids: list[Path], root: Path) -> list[Path]:
         dst = src.with_name(name) if writable else cache / src.relative_to(root).with_name(name)
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            arr = np.asarray(_open(src, "L"))
+            arr = np.asarray(open_image(src, "L"))
             tmp = dst.with_suffix(".tmp.png")
             Image.fromarray(lut[arr]).save(tmp)
             os.replace(tmp, dst)  # a crash never leaves a half-written trainIds file
@@ -218,7 +218,7 @@ def open_source(cfg: DataConfig, split: str) -> Source:
     return hf_dataset(cfg, split)
 
 
-def _open(ref: str | Path | dict, mode: str) -> Image.Image:
+def open_image(ref: str | Path | dict, mode: str) -> Image.Image:
     """Decode one image (a path, or a datasets.Image dict with path/bytes) and convert it to `mode`."""
     import io
 
@@ -250,9 +250,9 @@ def _open(ref: str | Path | dict, mode: str) -> Image.Image:
 def load_pair(rows: datasets.Dataset, index: int, lut: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Decode row `index`: RGB uint8 HxWx3 image, uint8 HxW training-id label, and the label's name."""
     row = rows[index]
-    image = np.array(_open(row["image"], "RGB"))  # a writable copy for torch.from_numpy
+    image = np.array(open_image(row["image"], "RGB"))  # a writable copy for torch.from_numpy
     label_ref = row["label"]
-    label = lut[np.asarray(_open(label_ref, "L"))]
+    label = lut[np.asarray(open_image(label_ref, "L"))]
     where = (label_ref.get("path") if isinstance(label_ref, dict) else str(label_ref)) or f"row {index}"
     if image.shape[:2] != label.shape:
         raise DataError(f"image and label sizes differ for {where}: {image.shape[:2]} vs {label.shape}")
