@@ -44,7 +44,7 @@ def test_slide_equals_whole_for_a_per_pixel_model():
     torch.manual_seed(0)
     model = PixelModel()
     image = torch.randn(1, 3, 70, 101)
-    whole = whole_logits(model.predict, image, patch=1)
+    whole = whole_logits(model.predict, image)
     for crop, stride in ((32, 20), (64, 64), (128, 50)):  # overlapping, tiling, window larger than image
         torch.testing.assert_close(slide_logits(model.predict, image, 4, crop, stride), whole)
 

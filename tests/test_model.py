@@ -33,6 +33,18 @@ def test_parameter_counts_match_the_spec(name, aux):
     assert round(count_parameters(model) / 1e6, 2) == SPEC_COUNTS[(name, aux)]
 
 
+# mmsegmentation 1.2.2's own count of its SETR configs (shared/setr-spec.md; tests/data/mmseg_ref/param_counts.json)
+MMSEG_EXACT = {"naive_ade20k": 305_557_592, "pup_ade20k": 317_290_072, "mla_ade20k": 309_569_262,
+               "naive_cityscapes": 306_535_500, "pup_cityscapes": 318_466_124, "mla_cityscapes": 310_678_111}
+
+
+@pytest.mark.parametrize("name", list(MMSEG_EXACT))
+def test_parameter_counts_equal_mmsegmentation_exactly(name):
+    with torch.device("meta"):
+        model = build_setr(load_config(name, ["model.pretrained="]))
+    assert count_parameters(model) == MMSEG_EXACT[name]
+
+
 @pytest.mark.parametrize("crop,expected", [(512, 304.15), (768, 305.46), (480, 304.02)])
 def test_encoder_alone_matches_the_spec(crop, expected):
     cfg = load_config("pup_ade20k", ["model.pretrained=", f"data.crop={crop}"])
@@ -57,7 +69,53 @@ def test_tiny_forward_backward(decoder):
     loss, parts = SegmentationLoss(model, cfg.loss)(images, labels)
     loss.backward()
     assert torch.isfinite(loss) and parts.shape == (len(logits),)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if decoder == "mla":  # the class token is dropped before the first block: in the graph, gradient zero
+        assert torch.count_nonzero(grads.pop("encoder.cls_token")) == 0
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_patch_projection_has_no_bias():
+    model = build_setr(tiny_config("pup"))
+    assert model.encoder.patch_embed.proj.bias is None
+    assert not any("patch_embed.proj.bias" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("decoder", ["naive", "pup", "mla"])
+def test_only_mla_runs_without_the_class_token(decoder):
+    """mmseg's MLA config sets with_cls_token=False: the class token (and its position) cannot move
+    MLA's outputs, while Naive and PUP attend to it in every block."""
+    torch.manual_seed(0)
+    model = build_setr(tiny_config(decoder)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.encoder.cls_token.add_(3.0)
+        model.encoder.pos_embed[:, 0].add_(3.0)
+        after = model(x)
+    same = all(torch.equal(a, b) for a, b in zip(before, after))
+    assert same == (decoder == "mla")
+
+
+def test_encoder_pads_at_the_corner_and_resizes_positions_bilinearly():
+    """A size that is not a multiple of 16 is zero-padded at the bottom/right (mmseg's 'corner'
+    padding); the position grid is resized bilinearly without antialiasing (not timm's bicubic)."""
+    torch.manual_seed(0)
+    encoder = build_setr(tiny_config("pup")).encoder.eval()
+    with torch.no_grad():
+        encoder.pos_embed.normal_()
+        x = torch.randn(1, 3, 50, 70)
+        padded = F.pad(x, [0, 10, 0, 14])  # 64 x 80
+        for a, b in zip(encoder(x), encoder(padded)):
+            assert a.shape[-2:] == (4, 5)
+            torch.testing.assert_close(a, b)
+        tokens = encoder._pos_embed(torch.zeros(1, 3, 5, 32))  # a 3x5 grid from the 4x4 one
+    grid = encoder.pos_embed[:, 1:].detach().reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    bilinear = F.interpolate(grid, size=(3, 5), mode="bilinear", align_corners=False, antialias=False)
+    torch.testing.assert_close(tokens[:, 1:], bilinear.permute(0, 2, 3, 1).reshape(1, 15, -1))
+    torch.testing.assert_close(tokens[:, 0], (encoder.cls_token + encoder.pos_embed[:, :1]).detach()[:, 0])
+    bicubic = F.interpolate(grid, size=(3, 5), mode="bicubic", align_corners=False, antialias=True)
+    assert not torch.allclose(bilinear, bicubic, atol=1e-3)
 
 
 @pytest.mark.parametrize("crop", [48, 80, 96])
@@ -101,6 +159,8 @@ def check_loaded(model, donor):
     sd, dsd = model.encoder.state_dict(), donor.state_dict()
     for k in ("blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "patch_embed.proj.weight", "cls_token"):
         torch.testing.assert_close(sd[k], dsd[k])
+    # timm's weights carry a patch bias; SETR's encoder has none (dropped, as mmseg does)
+    assert dsd["patch_embed.proj.bias"].abs().sum() > 0 and model.encoder.patch_embed.proj.bias is None
     torch.testing.assert_close(sd["pos_embed"], expected_pos_embed(dsd["pos_embed"], 4))
 
 
@@ -129,7 +189,7 @@ def save_npz(vit: VisionTransformer, path):
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors", "npz"])
-def test_pretrained_vit_weights_load_with_resized_position_grid(tmp_path, fmt):
+def test_pretrained_vit_weights_load_with_resized_position_grid(tmp_path, fmt, caplog):
     donor = donor_vit()
     path = tmp_path / f"vit.{fmt}"
     if fmt == "pth":
@@ -138,8 +198,10 @@ def test_pretrained_vit_weights_load_with_resized_position_grid(tmp_path, fmt):
         save_file(donor.state_dict(), str(path))
     else:
         save_npz(donor, path)
-    model = build_setr(tiny_config("pup", model=dict(pretrained=str(path))))
+    with caplog.at_level("INFO", logger="setr_lowmem.model.encoder"):
+        model = build_setr(tiny_config("pup", model=dict(pretrained=str(path))))
     check_loaded(model, donor)
+    assert "dropped the patch projection's bias" in caplog.text
 
 
 def test_weights_of_another_model_are_a_clear_error(tmp_path):

@@ -11,12 +11,10 @@ left out of the mean, as in mmseg.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from setr_lowmem.config import Config
@@ -27,44 +25,38 @@ from setr_lowmem.engine.loss import resize_to
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    ph, pw = max(h - x.shape[-2], 0), max(w - x.shape[-1], 0)
-    return F.pad(x, [0, pw, 0, ph]) if ph or pw else x
-
-
-def whole_logits(predict: Predict, image: torch.Tensor, patch: int = 16) -> torch.Tensor:
-    """The whole (normalised) image at once; padded to a multiple of the patch size, then cropped back."""
-    h, w = image.shape[-2:]
-    padded = _pad_to(image, math.ceil(h / patch) * patch, math.ceil(w / patch) * patch)
-    logits = resize_to(predict(padded), padded.shape[-2:])
-    return logits[..., :h, :w]
+def whole_logits(predict: Predict, image: torch.Tensor) -> torch.Tensor:
+    """mmseg's whole inference: the image as it is (the encoder pads it at the bottom/right to a
+    multiple of the patch size), the logits resized to the image's size (not cropped)."""
+    return resize_to(predict(image), image.shape[-2:])
 
 
 def slide_logits(predict: Predict, image: torch.Tensor, num_classes: int, crop: int, stride: int,
                  batch: int = 4) -> torch.Tensor:
     """mmseg's slide inference: windows of `crop` every `stride`, the last one flush with the edge,
-    overlapping logits averaged. An image smaller than the window is padded with 0 (the mean)."""
+    overlapping logits averaged. Where the image is smaller than the crop on a side, the window is
+    that side (not padded to the crop): the model runs on the smaller window and its logits are
+    resized back to the window's size."""
     h, w = image.shape[-2:]
-    padded = _pad_to(image, crop, crop)
-    ph, pw = padded.shape[-2:]
-    rows = max(ph - crop + stride - 1, 0) // stride + 1
-    cols = max(pw - crop + stride - 1, 0) // stride + 1
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
     boxes = []
     for r in range(rows):
         for c in range(cols):
-            y2, x2 = min(r * stride + crop, ph), min(c * stride + crop, pw)
+            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
             boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    out = padded.new_zeros((padded.shape[0], num_classes, ph, pw), dtype=torch.float32)
-    count = padded.new_zeros((1, 1, ph, pw), dtype=torch.float32)
+    window = (min(crop, h), min(crop, w))  # every box has this size
+    n = image.shape[0]
+    out = image.new_zeros((n, num_classes, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
     for i in range(0, len(boxes), batch):
         chunk = boxes[i:i + batch]
-        windows = torch.cat([padded[..., y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-        logits = resize_to(predict(windows), (crop, crop)).float()
+        windows = torch.cat([image[..., y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        logits = resize_to(predict(windows), window).float()
         for j, (y1, y2, x1, x2) in enumerate(chunk):
-            n = padded.shape[0]
             out[..., y1:y2, x1:x2] += logits[j * n:(j + 1) * n]
             count[..., y1:y2, x1:x2] += 1
-    return (out / count)[..., :h, :w]
+    return out / count
 
 
 @torch.no_grad()
@@ -81,14 +73,14 @@ def predict_probs(model: nn.Module, image: np.ndarray, cfg: Config, device: torc
 
     total = torch.zeros((classes, h, w), device=device)
     views = 0
-    for x in eval_inputs(image, cfg.data, e.scales):
+    for x in eval_inputs(image, cfg.data, e.scales, e.ratio_of):
         x = x[None].to(device)
         for flip in ([False, True] if e.flip else [False]):
             xi = x.flip(-1) if flip else x
             if e.mode == "slide":
                 logits = slide_logits(predict, xi, classes, e.crop, e.stride)
             else:
-                logits = whole_logits(predict, xi, cfg.model.patch_size)
+                logits = whole_logits(predict, xi)
             if flip:
                 logits = logits.flip(-1)
             total += resize_to(logits.float(), (h, w))[0].softmax(0)
