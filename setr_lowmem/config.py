@@ -301,6 +301,9 @@ class EvalConfig:
     """Ratios of base_scale to test at (the paper's multi-scale: 0.5 0.75 1.0 1.25 1.5 1.75)."""
     flip: bool = False
     """Also test the horizontally flipped image and average the probabilities."""
+    ratio_of: Literal["base_scale", "image"] = "base_scale"
+    """What the test ratios scale: base_scale (the paper's and mmseg 0.x's multi-scale test) or the
+    original image (mmseg 1.x's TestTimeAug, which skips the base-scale resize)."""
 
     def __post_init__(self) -> None:
         _positive(self, "crop", "stride")

@@ -13,7 +13,7 @@ PAPER = [f"{d}_{s}" for d in ("naive", "pup", "mla") for s in ("ade20k", "citysc
 # (crop, classes, total batch, iterations, lr per decoder, eval crop, eval stride, base scale)
 SPEC = {
     "ade20k": (512, 150, 16, 160000, dict(naive=0.01, pup=0.001, mla=0.001), 512, 341, (2048, 512)),
-    "cityscapes": (768, 19, 8, 80000, dict(naive=0.01, pup=0.01, mla=0.002), 768, 512, (2048, 1024)),
+    "cityscapes": (768, 19, 8, 80000, dict(naive=0.01, pup=0.01, mla=0.002), 768, 512, (2049, 1025)),
     "pascal_context": (480, 60, 16, 80000, dict(naive=0.01, pup=0.001, mla=0.001), 480, 320, (520, 520)),
 }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,8 +16,7 @@ from setr_lowmem.config import DataConfig, SyntheticConfig
 from setr_lowmem.data.loader import StreamSampler, TrainStream, stream_state
 from setr_lowmem.data.sources import DataError, load_pair, open_source
 from setr_lowmem.data.synthetic import make_scene
-from setr_lowmem.data.transforms import (photometric_distortion, random_crop, rescale_size, scale_saturation,
-                                         train_transform)
+from setr_lowmem.data.transforms import photometric_distortion, random_crop, rescale_size, train_transform
 from tests.fixtures import make_ade, make_cityscapes, make_imagefolder, make_pascal_context, scene
 
 
@@ -222,25 +223,59 @@ def test_crop_retry_avoids_single_class_crops():
     assert crop.shape == (32, 32)
 
 
-def test_photometric_distortion_stays_in_range_and_varies():
-    image = torch.from_numpy(coloured_scene()[0]).permute(2, 0, 1).float()
-    outs = [photometric_distortion(image, np.random.default_rng(s)) for s in range(20)]
-    assert all(o.min() >= 0 and o.max() <= 255 and torch.equal(o, o.floor()) for o in outs)
-    assert sum(not torch.equal(o, image) for o in outs) >= 15
+class LegacyDraws:
+    """numpy's global RandomState behind the Generator methods the pipeline calls: mmseg draws
+    `np.random.randint(n)` / `np.random.uniform(a, b)`, so with the same seed and the same order
+    of draws our step must give mmseg's image exactly."""
+
+    def __init__(self, seed: int):
+        self.state = np.random.RandomState(seed)
+
+    def integers(self, low, high=None):
+        return self.state.randint(low, high)
+
+    def uniform(self, low, high):
+        return self.state.uniform(low, high)
 
 
-@pytest.mark.parametrize("alpha", [0.6, 1.4])
-def test_saturation_step_matches_hsv_scaling(alpha):
-    """The RGB-space step equals scaling S in HSV (PIL's conversion as the reference), clipping included."""
-    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
-    hsv = np.asarray(Image.fromarray(rgb).convert("HSV")).astype(float)
-    hsv[..., 1] = np.clip(hsv[..., 1] * alpha, 0, 255)
-    expected = np.asarray(Image.fromarray(hsv.round().astype(np.uint8), "HSV").convert("RGB")).astype(float)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float()
-    ours = scale_saturation(x, alpha).permute(1, 2, 0).numpy()
-    # PIL keeps H and S in 8 bits (hue in 1.4 degree steps): a few levels apart at most, on average under one
-    assert np.abs(ours - expected).max() <= 8 and np.abs(ours - expected).mean() < 1.0
-    assert np.abs(rgb - expected).max() > 20  # and the step does change colours
+MMSEG_PIPELINE = Path(__file__).parent / "data" / "mmseg_ref" / "pipeline.pt"
+
+
+def test_photometric_distortion_equals_mmseg_draw_for_draw():
+    """mmseg 1.2.2's PhotoMetricDistortion outputs (tests/data/mmseg_ref): uint8 steps, contrast first
+    or last, saturation and hue through OpenCV's uint8 HSV, hue delta an integer in -18..17."""
+    cases = torch.load(MMSEG_PIPELINE, weights_only=False)["photometric"]
+    changed = 0
+    for case in cases:
+        image = case["image"].numpy()
+        ours = photometric_distortion(image.copy(), LegacyDraws(case["seed"]))
+        assert ours.dtype == np.uint8 and ours.shape == image.shape
+        np.testing.assert_array_equal(ours, case["expected"].numpy(), err_msg=f"seed {case['seed']}")
+        changed += not np.array_equal(ours, image)
+    assert changed >= len(cases) // 2
+
+
+def test_photometric_hue_delta_is_drawn_below_18():
+    draws = []
+
+    class Recording(LegacyDraws):
+        def integers(self, low, high=None):
+            draws.append((low, high))
+            return super().integers(low, high)
+
+    for seed in range(30):
+        photometric_distortion(np.full((4, 4, 3), 100, np.uint8), Recording(seed))
+    assert (-18, 18) in draws  # numpy's exclusive high: -18..17, as mmseg's np.random.randint(-18, 18)
+
+
+def test_training_transform_applies_the_photometric_step_on_uint8():
+    cfg = DataConfig(crop=32, base_scale=(32, 32), ratio_range=(1.0, 1.0), flip_prob=0.0, num_classes=6,
+                     cat_max_ratio=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    image, label, _ = coloured_scene()
+    outs = [train_transform(image, label, cfg, np.random.default_rng(s))[0] for s in range(8)]
+    assert all(torch.equal(o, o.round()) and o.min() >= 0 and o.max() <= 255 for o in outs)
+    plain = train_transform(image, label, dataclasses.replace(cfg, photometric=False), np.random.default_rng(0))[0]
+    assert sum(not torch.equal(o, plain) for o in outs) >= 4
 
 
 # ---- the resumable stream ----------------------------------------------------------------
@@ -293,3 +328,15 @@ def test_synthetic_scenes_are_deterministic_and_varied():
         assert img.shape == (size, size, 3) and lbl.shape == (size, size)
     with pytest.raises(DataError, match="synthetic dataset has 2..9 classes"):
         open_source(DataConfig(num_classes=20), "train")
+
+
+def test_test_ratios_scale_the_base_scale_or_the_image():
+    """The paper's multi-scale test resizes to base_scale x ratio; mmseg 1.x's TestTimeAug resizes the
+    original image by the ratio (eval.ratio_of: image)."""
+    from setr_lowmem.data.transforms import test_transform
+
+    image = np.zeros((90, 130, 3), np.uint8)
+    cfg = DataConfig(base_scale=(128, 64), num_classes=6)
+    assert test_transform(image, cfg, 0.5).shape[-2:] == rescale_size(90, 130, (64, 32)) == (32, 46)
+    assert test_transform(image, cfg, 0.75, ratio_of="image").shape[-2:] == (68, 98)  # int(90 * .75 + .5), ...
+    assert test_transform(image, cfg, 1.0, ratio_of="image").shape[-2:] == (90, 130)

@@ -4,6 +4,7 @@ accumulation equals the full batch, the schedule is mmseg's, the optimizer is th
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,28 +136,48 @@ def test_poly_schedule_matches_mmseg_at_several_iterations():
     model = build_setr(cfg)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.schedule)
-    # mmengine's PolyLR updates recursively: lr_t = (lr_{t-1} - eta_min) * (1 - 1/(T - t + 1))^p + eta_min
+    # mmengine's PolyLR (begin 0, end T) spans total_iters = T - 1 steps and updates recursively:
+    # lr_t = (lr_{t-1} - eta_min) * (1 - 1 / (total_iters - t + 1))^p + eta_min, for t = 1 .. T - 1
     recursive = {g["name"]: g["lr"] for g in opt.param_groups}
-    for t in range(1, 1001):
+    for t in range(1, 1000):
         opt.step()
         sched.step()
         for g in opt.param_groups:
             prev = recursive[g["name"]]
-            recursive[g["name"]] = (prev - 1e-4) * (1 - 1 / (1000 - t + 1)) ** 0.9 + 1e-4
-            if t in (1, 10, 250, 500, 999, 1000):
+            recursive[g["name"]] = (prev - 1e-4) * (1 - 1 / (999 - t + 1)) ** 0.9 + 1e-4
+            if t in (1, 10, 250, 500, 998, 999):
                 base = 0.1 if g["name"].startswith("head") else 0.01
-                closed = (base - 1e-4) * (1 - t / 1000) ** 0.9 + 1e-4
+                closed = (base - 1e-4) * (1 - t / 999) ** 0.9 + 1e-4
                 assert g["lr"] == pytest.approx(closed, rel=1e-12)
                 assert g["lr"] == pytest.approx(recursive[g["name"]], rel=1e-9)
                 assert poly_lr(t, base, cfg.schedule) == pytest.approx(closed, rel=1e-12)
-    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-4)] * len(opt.param_groups)
+    # the last of the 1000 iterations (t = 999) runs exactly at the floor
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-4, rel=1e-12)] * len(opt.param_groups)
+    assert poly_lr(998, 0.01, cfg.schedule) > 1e-4 + 1e-6
+    one = tiny_config("pup", schedule=dict(iters=1))
+    assert poly_lr(0, 0.01, one.schedule) == 0.01  # a one-iteration schedule keeps the base lr, as mmengine
+
+
+@pytest.mark.parametrize("iters", [1000, 7])
+def test_poly_schedule_equals_mmengine_polylr(iters):
+    """The lrs mmengine 0.10.7's PolyLR gave two groups (0.01, 0.1) at every iteration (tests/data/mmseg_ref)."""
+    ref = torch.load(Path(__file__).parent / "data" / "mmseg_ref" / "pipeline.pt", weights_only=False)["poly"][iters]
+    cfg = tiny_config("pup", schedule=dict(iters=iters, power=0.9, min_lr=1e-4))
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.01, 0.1)])
+    sched = build_scheduler(opt, cfg.schedule)
+    ours = []
+    for _ in range(iters):
+        ours.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64), ref, rtol=1e-9, atol=1e-12)
 
 
 def test_warmup_rises_linearly_then_follows_poly():
     cfg = tiny_config("pup", schedule=dict(iters=100, warmup_iters=10, warmup_ratio=0.1))
     assert poly_lr(0, 1.0, cfg.schedule) == pytest.approx(0.1)
-    assert poly_lr(5, 1.0, cfg.schedule) == pytest.approx(((1 - 1e-4) * 0.95 ** 0.9 + 1e-4) * 0.55)
-    assert poly_lr(10, 1.0, cfg.schedule) == pytest.approx((1 - 1e-4) * 0.9 ** 0.9 + 1e-4)
+    assert poly_lr(5, 1.0, cfg.schedule) == pytest.approx(((1 - 1e-4) * (1 - 5 / 99) ** 0.9 + 1e-4) * 0.55)
+    assert poly_lr(10, 1.0, cfg.schedule) == pytest.approx((1 - 1e-4) * (1 - 10 / 99) ** 0.9 + 1e-4)
 
 
 def test_head_parameters_get_ten_times_the_lr():

@@ -110,5 +110,6 @@ class EvalSet(Dataset):
         return image, label, where
 
 
-def eval_inputs(image: np.ndarray, cfg: DataConfig, scales: list[float]) -> list[torch.Tensor]:
-    return [test_transform(image, cfg, r) for r in scales]
+def eval_inputs(image: np.ndarray, cfg: DataConfig, scales: list[float], ratio_of: str = "base_scale"
+                ) -> list[torch.Tensor]:
+    return [test_transform(image, cfg, r, ratio_of) for r in scales]

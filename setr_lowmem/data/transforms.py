@@ -66,39 +66,38 @@ def random_crop(image, label, crop: int, cat_max_ratio: float, rng: np.random.Ge
     return image[:, y1:y2, x1:x2], label[y1:y2, x1:x2]
 
 
-def _u8(x: torch.Tensor) -> torch.Tensor:
-    """mmcv converts back to uint8 (clip, truncate) after each photometric step."""
-    return x.clamp(0, 255).floor()
+def _convert(image: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """One photometric step as mmseg computes it: float32 `image * alpha + beta`, clipped to 0..255
+    and truncated back to uint8."""
+    return np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
-def scale_saturation(image: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Multiply S of HSV by `alpha` (clipped at 1) on a 3xHxW RGB image, without leaving RGB.
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion on an HxWx3 uint8 RGB image, draw for draw: brightness +-32,
+    contrast 0.5..1.5 (first or last, one coin), saturation 0.5..1.5 and hue an integer in -18..17
+    (numpy's exclusive high, of OpenCV's 0..180), each applied with probability 0.5. Saturation
+    and hue go through OpenCV's uint8 HSV conversion and back, as mmcv's `bgr2hsv`/`hsv2bgr` do
+    (RGB<->HSV here on RGB data gives the same HSV as mmcv's BGR<->HSV on BGR data)."""
+    import cv2  # opencv-python-headless: only the photometric step needs it
 
-    Hue and value stay: each channel moves away from the maximum (V) by the same factor,
-    and S saturates when the minimum channel reaches 0."""
-    vmax = image.max(dim=0, keepdim=True).values
-    vmin = image.min(dim=0, keepdim=True).values
-    s = torch.where(vmax > 0, (vmax - vmin) / vmax.clamp_min(1e-6), torch.zeros_like(vmax))
-    factor = torch.where(s * alpha > 1, 1 / s.clamp_min(1e-6), torch.full_like(s, alpha))
-    return vmax - (vmax - image) * factor
+    def contrast(img: np.ndarray) -> np.ndarray:
+        return _convert(img, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else img
 
-
-def photometric_distortion(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """mmseg's PhotoMetricDistortion on a float 0..255 RGB image: brightness +-32, contrast
-    0.5..1.5 (randomly first or last), saturation 0.5..1.5 and hue +-18 (of OpenCV's 180) in HSV,
-    each applied with probability 0.5."""
     if rng.integers(2):
-        image = _u8(image + rng.uniform(-32, 32))
+        image = _convert(image, beta=rng.uniform(-32, 32))
     contrast_first = bool(rng.integers(2))
-    if contrast_first and rng.integers(2):
-        image = _u8(image * rng.uniform(0.5, 1.5))
+    if contrast_first:
+        image = contrast(image)
     if rng.integers(2):
-        image = _u8(scale_saturation(image, rng.uniform(0.5, 1.5)))
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if rng.integers(2):
-        delta = int(rng.integers(-18, 19))  # OpenCV hue units (0..180), as mmseg
-        image = _u8(TF.adjust_hue(image / 255.0, delta / 180.0) * 255.0)
-    if not contrast_first and rng.integers(2):
-        image = _u8(image * rng.uniform(0.5, 1.5))
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-18, 18))) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first:
+        image = contrast(image)
     return image
 
 
@@ -122,17 +121,23 @@ def train_transform(image: np.ndarray, label: np.ndarray, cfg: DataConfig, rng: 
     img, lbl = random_crop(img, lbl, cfg.crop, cfg.cat_max_ratio, rng)
     if rng.random() < cfg.flip_prob:
         img, lbl = TF.horizontal_flip(img), TF.horizontal_flip(lbl)
-    img = img.float()
     if cfg.photometric:
-        img = photometric_distortion(img, rng)
-    img, lbl = normalize_and_pad(img, lbl, cfg, cfg.crop)
+        hwc = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+        img = torch.from_numpy(photometric_distortion(hwc, rng)).permute(2, 0, 1)
+    img, lbl = normalize_and_pad(img.float(), lbl, cfg, cfg.crop)
     return img.contiguous(), lbl.long().contiguous()
 
 
-def test_transform(image: np.ndarray, cfg: DataConfig, ratio: float = 1.0) -> torch.Tensor:
-    """Test-time: resize to base_scale x ratio keeping the aspect ratio, normalise (no padding)."""
+def test_transform(image: np.ndarray, cfg: DataConfig, ratio: float = 1.0, ratio_of: str = "base_scale"
+                   ) -> torch.Tensor:
+    """Test-time: resize to base_scale x ratio keeping the aspect ratio (or, `ratio_of='image'`, the
+    image itself by the ratio, as mmseg 1.x's TestTimeAug), normalise (no padding)."""
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    scale = (int(cfg.base_scale[0] * ratio), int(cfg.base_scale[1] * ratio))
-    img, _ = resize_pair(img, None, rescale_size(*img.shape[-2:], scale))
+    h, w = img.shape[-2:]
+    if ratio_of == "image":
+        size = (int(h * ratio + 0.5), int(w * ratio + 0.5))  # mmcv's rescale by a factor
+    else:
+        size = rescale_size(h, w, (int(cfg.base_scale[0] * ratio), int(cfg.base_scale[1] * ratio)))
+    img, _ = resize_pair(img, None, size)
     img, _ = normalize_and_pad(img.float(), None, cfg, None)
     return img

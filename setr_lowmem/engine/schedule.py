@@ -1,10 +1,12 @@
 """The learning-rate schedule: mmseg's PolyLR per iteration, with an optional linear warmup.
 
-    lr(t) = (base_lr - min_lr) * (1 - t / T) ** power + min_lr
+    lr(t) = (base_lr - min_lr) * (1 - t / (T - 1)) ** power + min_lr,   t = 0 .. T - 1
 
 for every parameter group with its own base lr (so heads decay from 10x the base lr to
-the same floor). mmengine computes this recursively step by step; the closed form is the
-same value. Warmup multiplies by a factor rising linearly from `warmup_ratio` to 1.
+the same floor). mmengine's PolyLR spans `end - begin - 1` steps, so the last iteration
+(t = T - 1) is exactly at the floor; it computes the value recursively step by step
+(`(lr - min) * (1 - 1 / (T - 1 - t + 1)) ** power + min`), whose product is this closed
+form. Warmup multiplies by a factor rising linearly from `warmup_ratio` to 1.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ def poly_lr(t: int, base_lr: float, cfg: ScheduleConfig) -> float:
 
 def _poly(t: int, base_lr: float, iters: int, power: float, min_lr: float, warmup_iters: int,
           warmup_ratio: float) -> float:
-    t = min(t, iters)
-    lr = (base_lr - min_lr) * (1 - t / iters) ** power + min_lr
+    span = iters - 1  # mmengine's total_iters: the decay ends on the last iteration
+    t = min(t, span)
+    lr = (base_lr - min_lr) * (1 - t / span) ** power + min_lr if span > 0 else base_lr
     if t < warmup_iters:
         lr *= warmup_ratio + (1 - warmup_ratio) * t / warmup_iters
     return lr
