@@ -33,41 +33,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
-from setr_lowmem.config import load_config  # noqa: E402
+from setr_lowmem.config import benchmark_rows, load_config  # noqa: E402
 from setr_lowmem.measure import (benchmark_overrides, build_step, device_tag, fmt, fmt_mfu, measure,  # noqa: E402
                                  set_memory_cap)
 from setr_lowmem.profiler import memory_timeline_png, record_snapshot  # noqa: E402
 
-# (row name, overrides added to everything before it)
-ROWS = [
-    ("naive", ["memory.precision=fp32", "memory.attention=eager", "memory.checkpointing=none", "optim.bits=32",
-               "memory.classifier_first=false", "memory.fused_upsample_loss=false"]),
-    ("bf16", ["memory.precision=bf16"]),
-    ("sdpa", ["memory.attention=sdpa"]),
-    ("blocks", ["memory.checkpointing=blocks", "memory.every_k=1"]),
-    ("head+loss", ["memory.checkpointing=full"]),
-    ("classifier first", ["memory.classifier_first=true"]),
-    ("fused upsample+CE", ["memory.fused_upsample_loss=true", "memory.fused_upsample_backend=torch"]),
-    ("Triton fused loss", ["memory.fused_upsample_backend=triton"]),
-    ("matmul upsample bwd", ["memory.upsample_backward=matmul"]),
-    ("channels-last", ["memory.channels_last=true"]),
-    ("compiled convs", ["memory.compile_convs=true"]),
-    ("8-bit SGD", ["optim.bits=8"]),
-    ("ZeRO-2 offload", ["optim.bits=32", "memory.channels_last=false", "memory.deepspeed.stage=2",
-                        "memory.deepspeed.offload_optimizer=true"]),
-    ("ZeRO-3 offload", ["memory.deepspeed.stage=3", "memory.deepspeed.offload_params=true"]),
-]
-GPU_ONLY = {"Triton fused loss"}  # on the CPU, the rows after it keep the torch loss
+# (row name, overrides added to every row before it, GPU only): from the config fields' lever facts
+ROWS = benchmark_rows()
 
 
 def row_overrides(upto: str, cuda: bool = True) -> list[str]:
     out = []
-    for name, extra in ROWS:
-        if cuda or name not in GPU_ONLY:
+    for name, extra, gpu_only in ROWS:
+        if cuda or not gpu_only:
             out += extra
         if name == upto:
             return out
-    raise SystemExit(f"unknown row {upto!r}; rows: {', '.join(n for n, _ in ROWS)}")
+    raise SystemExit(f"unknown row {upto!r}; rows: {', '.join(n for n, _, _ in ROWS)}")
 
 
 def table(results: list[dict], cuda: bool) -> str:
@@ -120,7 +102,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="micro-batches (GPU: 1 2 4 8 16)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cap-gib", type=float, default=None, help="emulate a card of this size")
-    parser.add_argument("--rows", nargs="+", default=[n for n, _ in ROWS])
+    parser.add_argument("--rows", nargs="+", default=[n for n, _, _ in ROWS])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the MemTracker pass (faster)")
     parser.add_argument("--timeline", action="store_true",
@@ -139,7 +121,7 @@ def main() -> None:
     set_memory_cap(args.cap_gib, device)
     results = []
     for name in args.rows:
-        if not cuda and name in GPU_ONLY:
+        if not cuda and any(gpu_only for row, _, gpu_only in ROWS if row == name):
             print(f"{name:>15}: not run (needs a GPU)")
             continue
         failed_at = None

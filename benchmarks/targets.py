@@ -1,4 +1,4 @@
-"""The performance targets of issue 6, each measured with the fastest plan that meets its memory.
+"""The performance targets, each measured with the fastest plan that meets its memory.
 
     python benchmarks/targets.py --cap-gib 24                  # every case (GPU: about 5 min each)
     python benchmarks/targets.py --cap-gib 24 --case ade20k-mb16
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
-from setr_lowmem.config import load_config  # noqa: E402
+from setr_lowmem.config import load_config, perf_levers  # noqa: E402
 from setr_lowmem.measure import (benchmark_overrides, device_tag, fmt, fmt_mfu, measure,  # noqa: E402
                                  set_memory_cap)
 from setr_lowmem.plan import POLICIES, apply_plan, search  # noqa: E402
@@ -50,18 +50,18 @@ class Case:
 
 
 CASES = {
-    "ade20k-mb16": Case("ADE20K 512, micro-batch 16, no accumulation", "pup_ade20k.yaml", 16, (16,), 12, 13, 80),
-    "cityscapes-mb8": Case("Cityscapes 768, micro-batch 8, no accumulation", "pup_cityscapes.yaml", 8, (8,), 7, 8, 45),
-    "ade20k-8gib": Case("ADE20K 512, effective batch 16 within an 8 GiB budget", "pup_ade20k.yaml", 16, None, 7, 8, 40),
-    "ade20k-zero2": Case("ZeRO-2 CPU offload, ADE20K, micro-batch 16", "pup_ade20k.yaml", 16, (16,), 10, None, 30,
-                         offload=True),
+    "ade20k-mb16": Case(title="ADE20K 512, micro-batch 16, no accumulation", cfg="pup_ade20k.yaml", total_batch=16,
+                        micro_batches=(16,), reserved_gib=12, device_gib=13, img_s=80),
+    "cityscapes-mb8": Case(title="Cityscapes 768, micro-batch 8, no accumulation", cfg="pup_cityscapes.yaml",
+                           total_batch=8, micro_batches=(8,), reserved_gib=7, device_gib=8, img_s=45),
+    "ade20k-8gib": Case(title="ADE20K 512, effective batch 16 within an 8 GiB budget", cfg="pup_ade20k.yaml",
+                        total_batch=16, micro_batches=None, reserved_gib=7, device_gib=8, img_s=40),
+    "ade20k-zero2": Case(title="ZeRO-2 CPU offload, ADE20K, micro-batch 16", cfg="pup_ade20k.yaml", total_batch=16,
+                         micro_batches=(16,), reserved_gib=10, device_gib=None, img_s=30, offload=True),
 }
-LEVERS_ON = ["memory.precision=bf16", "memory.attention=sdpa", "memory.classifier_first=true",
-             "memory.fused_upsample_loss=true", "memory.fused_upsample_backend=auto", "memory.upsample_backward=matmul",
-             "memory.channels_last=true", "memory.compile_convs=true"]
-LEVERS_OFF = ["memory.precision=bf16", "memory.attention=sdpa", "memory.classifier_first=true",
-              "memory.fused_upsample_loss=false", "memory.upsample_backward=stock", "memory.channels_last=false",
-              "memory.compile_convs=false"]
+# The decoder levers all on / all off, from the config fields' `perf` facts.
+LEVERS_ON = perf_levers(on=True)
+LEVERS_OFF = perf_levers(on=False)
 
 
 def run_case(key: str, case: Case, cuda: bool, steps: int, policies: tuple[str, ...], extra: list[str]) -> dict:
@@ -79,7 +79,7 @@ def run_case(key: str, case: Case, cuda: bool, steps: int, policies: tuple[str, 
     best = next(m for p, m in tried if p == plan and m.fits)
     ref = measure(apply_plan(load_config(case.cfg, base + LEVERS_OFF), plan), label="levers off", steps=steps,
                   breakdown=not cuda)
-    out.update(plan=asdict(plan), plan_text=plan.describe(case.total_batch), levers_on=best.as_dict(),
+    out.update(plan=asdict(plan), plan_text=plan.describe(cfg), levers_on=best.as_dict(),
                levers_off=ref.as_dict())
     if cuda:
         met = [best.reserved <= case.reserved_gib, case.device_gib is None or best.device <= case.device_gib,
@@ -114,7 +114,7 @@ def table(results: list[dict], cuda: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--cap-gib", type=float, default=None, help="emulate a card of this size (the issue: 24)")
+    parser.add_argument("--cap-gib", type=float, default=None, help="emulate a card of this size (e.g. 24)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--out", default="benchmarks/results")
@@ -130,7 +130,7 @@ def main() -> None:
     stem = f"targets_{tag}_{date}" + (f"_cap{args.cap_gib:g}" if args.cap_gib else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = f"# Issue 6 targets on {tag}, {date}\n\n{table(results, cuda)}\n"
+    md = f"# Performance targets on {tag}, {date}\n\n{table(results, cuda)}\n"
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps({"cap_gib": args.cap_gib, "results": results}, indent=1))
     print("\n" + md)

@@ -32,7 +32,7 @@ def main() -> None:
     from PIL import Image
 
     from setr_lowmem.config import load_config
-    from setr_lowmem.data.sources import open_image
+    from setr_lowmem.data.base import open_image
     from setr_lowmem.engine.evaluate import predict_probs
     from setr_lowmem.engine.inference import load_trained, overlay
 

@@ -25,23 +25,11 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def known_errors() -> tuple[type[BaseException], ...]:
-    from setr_lowmem.config import ConfigError
-    from setr_lowmem.data.sources import DataError
-    from setr_lowmem.engine.checkpoint import CheckpointError
-    from setr_lowmem.engine.train import NonFiniteLossError, OutOfMemory
-    from setr_lowmem.memory.deepspeed import DeepSpeedSetupError
-    from setr_lowmem.model.encoder import WeightsError
-
-    return (ConfigError, DataError, CheckpointError, NonFiniteLossError, OutOfMemory, DeepSpeedSetupError,
-            WeightsError)
-
-
 def run_main(main: Callable[[], None]) -> None:
     """Run a launcher's main; the toolkit's own errors print as `error: <one line>` (exit 2)."""
+    from setr_lowmem.errors import SetrError
+
     try:
         main()
-    except Exception as err:  # noqa: BLE001 - filtered just below
-        if isinstance(err, known_errors()):
-            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise
+    except SetrError as err:
+        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)

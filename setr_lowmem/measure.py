@@ -1,10 +1,12 @@
 """Measure one configuration: a few real training steps on random data, their peak memory
 (allocated, reserved, device-level, host), its breakdown by category and phase, speed and MFU.
 
-Used by `benchmarks/memory.py` and by the auto-fit planner. Each measurement builds the
-model with the configured techniques (as training does), runs `steps` steps on a random
-micro-batch (the first one warms up and is not timed), and frees everything afterwards. A
-CUDA out-of-memory error makes the measurement "does not fit" instead of an exception.
+Used by `benchmarks/memory.py`, `benchmarks/targets.py` and the auto-fit planner. Each
+measurement prepares training's own step (`engine.step`: the model with the configured
+techniques, accelerate and DeepSpeed as in training), runs `steps` whole iterations (the
+configured accumulation included; the first one warms up and is not timed), and frees
+everything afterwards. A CUDA out-of-memory error makes the measurement "does not fit"
+instead of an exception.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import gc
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -20,11 +23,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from setr_lowmem.config import Config, without_initial_weights
-from setr_lowmem.engine.loss import SegmentationLoss
-from setr_lowmem.engine.train import build_for_training
-from setr_lowmem.memory.precision import autocast_factory, input_dtype
+from setr_lowmem.engine.step import Outcome, make_accelerator, prepare_step, reset_accelerate
 from setr_lowmem.model import build_setr
-from setr_lowmem.profiler import GIB, MemoryMeter, breakdown_step
+from setr_lowmem.model.loss import SegmentationLoss
+from setr_lowmem.profiler import GIB, Breakdown, MemoryMeter, breakdown_step
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Measurement:
     mfu: float = float("nan")
     categories: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
+    losses: list = field(default_factory=list)  # the loss of each measured iteration
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -109,102 +112,101 @@ def train_flops_per_image(cfg: Config) -> float:
     return _FLOPS_CACHE[key]
 
 
-def _build(cfg: Config, device: torch.device):
-    torch.manual_seed(0)
-    module, optimizer = build_for_training(without_initial_weights(cfg))
-    module.to(device)  # moves the parameters in place: the optimizer keeps them
-    return module, optimizer
-
-
-def _deepspeed_engine(cfg: Config, module, optimizer):
-    import deepspeed
-
-    from setr_lowmem.memory.deepspeed import deepspeed_config, prepare_single_process_env
-
-    prepare_single_process_env()
-    ds_cfg = deepspeed_config(cfg, accumulation=1)
-    ds_cfg["train_batch_size"] = cfg.train.micro_batch
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
-    return engine
-
-
-@dataclass
-class Step:
-    """A built training step on random data: `forward_backward()` then `optimizer_step()`."""
-
-    module: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    engine: object | None
-    images: torch.Tensor
-    labels: torch.Tensor
-    autocast: object
-
-    def forward_backward(self) -> None:
-        with self.autocast():
-            loss, _ = (self.engine or self.module)(self.images, self.labels)
-        if self.engine is not None:
-            self.engine.backward(loss)
-        else:
-            loss.backward()
-
-    def optimizer_step(self) -> None:
-        if self.engine is not None:
-            self.engine.step()
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def __call__(self) -> None:
-        self.forward_backward()
-        self.optimizer_step()
-
-
-def build_step(cfg: Config, device: torch.device) -> Step:
-    """The model with `cfg`'s techniques, its optimizer (and DeepSpeed engine), and a random micro-batch."""
-    module, optimizer = _build(cfg, device)
-    engine = _deepspeed_engine(cfg, module, optimizer) if cfg.memory.deepspeed.stage > 0 else None
+def random_batches(cfg: Config, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same random micro-batch over and over (images and labels at the crop size)."""
     mb, crop = cfg.train.micro_batch, cfg.data.crop
     g = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(mb, 3, crop, crop, generator=g).to(device, input_dtype(cfg.memory.precision))
+    images = torch.randn(mb, 3, crop, crop, generator=g).to(device)
     labels = torch.randint(0, cfg.data.num_classes, (mb, crop, crop), generator=g).to(device)
-    return Step(module, optimizer, engine, images, labels, autocast_factory(cfg.memory.precision, device))
+    while True:
+        yield images, labels
+
+
+class MeasuredStep:
+    """Training's own step (`engine.step`) for `cfg`, prepared through accelerate as training does,
+    on a stream of micro-batches (random ones by default). `step()` runs one whole iteration;
+    `forward_backward()` and `optimizer_step()` its two halves (for the memory breakdown)."""
+
+    def __init__(self, cfg: Config, batches: Iterator | None = None):
+        reset_accelerate()
+        cfg = without_initial_weights(cfg)
+        self.accelerator = make_accelerator(cfg)
+        self.step = prepare_step(cfg, self.accelerator)
+        self.batches = batches if batches is not None else random_batches(cfg, self.step.device)
+        self.images_per_step = cfg.train.micro_batch * self.step.accumulation
+        self._outcome: Outcome | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.step.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step.optimizer
+
+    def micro_batches(self) -> list:
+        return [next(self.batches) for _ in range(self.step.accumulation)]
+
+    def __call__(self, after_backward=None) -> Outcome:
+        return self.step.run(self.micro_batches(), after_backward)
+
+    def forward_backward(self, after_micro_batch=None) -> None:
+        self._outcome = self.step.forward_backward(self.micro_batches(), after_micro_batch)
+
+    def optimizer_step(self) -> None:
+        self.step.finish(self._outcome.skipped)
+
+    def breakdown(self) -> Breakdown:
+        """One iteration under PyTorch's MemTracker: forward + backward, then the optimizer step."""
+        return breakdown_step(self.module, self.optimizer, self.forward_backward, self.optimizer_step)
+
+    def close(self) -> None:
+        del self.step
+        self.accelerator.free_memory()
+        reset_accelerate()
+
+
+def build_step(cfg: Config, device: torch.device | None = None) -> MeasuredStep:
+    """Training's step for `cfg` on random data (`device`: where accelerate puts it; checked)."""
+    step = MeasuredStep(cfg)
+    if device is not None and step.step.device.type != device.type:
+        raise ValueError(f"accelerate chose {step.step.device}, not {device}")
+    return step
 
 
 def measure(cfg: Config, label: str = "", steps: int = 5, device: torch.device | None = None,
-            breakdown: bool = True, cap_gib: float | None = None) -> Measurement:
-    """Measure `cfg` at `cfg.train.micro_batch` (random data, `steps` steps, median after the first)."""
+            breakdown: bool = True, cap_gib: float | None = None, batches: Iterator | None = None) -> Measurement:
+    """Measure `cfg` (random data unless `batches` is given; `steps` iterations, the median after the first)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mb = cfg.train.micro_batch
-    out = Measurement(label=label, micro_batch=mb)
+    out = Measurement(label=label, micro_batch=cfg.train.micro_batch)
     out.tflop_per_img = train_flops_per_image(cfg) / 1e12
     meter = MemoryMeter(device)
     proc = psutil.Process()
     step = None
     try:
         meter.reset()
-        step = build_step(cfg, device)
+        step = MeasuredStep(cfg, batches)
         times, host = [], proc.memory_info().rss
         for _ in range(max(steps, 2)):
             start = time.perf_counter()
-            step.forward_backward()
-            meter.sample()
-            step.optimizer_step()
+            outcome = step(after_backward=meter.sample)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
+            out.losses.append(float(outcome.loss))
             meter.sample()
             host = max(host, proc.memory_info().rss)
         peaks = meter.peaks()
         out.step_s = statistics.median(times[1:])
-        out.img_s = mb / out.step_s
+        out.img_s = step.images_per_step / out.step_s
         out.host_rss = host / GIB
         if device.type == "cuda":
             out.allocated, out.reserved, out.device = peaks.allocated, peaks.reserved, peaks.device
             if cap_gib is not None and out.device > cap_gib:
                 out.fits = False
                 out.note = f"device-level {out.device:.1f} GiB exceeds the {cap_gib:g} GiB card"
-        if breakdown and step.engine is None:
-            bd = breakdown_step(step.module, step.optimizer, step.forward_backward, step.optimizer_step)
+        if breakdown and not step.step.deepspeed:
+            bd = step.breakdown()
             out.categories, out.phases = bd.categories, bd.phases
             if device.type != "cuda":
                 out.allocated = bd.peak
@@ -217,6 +219,8 @@ def measure(cfg: Config, label: str = "", steps: int = 5, device: torch.device |
                    f" ({str(err).splitlines()[0][:80]})"
         out.allocated = meter.peaks().allocated if device.type == "cuda" else float("nan")
     finally:
+        if step is not None:
+            step.close()
         del step
         gc.collect()
         if device.type == "cuda":

@@ -17,14 +17,13 @@ techniques too.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from setr_lowmem.config import Config, ConfigError, load_config
+from setr_lowmem.config import Config, ConfigError, load_config, with_overrides
 from setr_lowmem.measure import Measurement, measure, set_memory_cap
 
 log = logging.getLogger(__name__)
@@ -37,17 +36,18 @@ class Plan:
     bits: int
     offload: bool
 
-    def overrides(self, total_batch: int) -> list[str]:
+    def overrides(self) -> list[str]:
+        """The plan as config overrides: what is printed and what is applied (`apply_plan`)."""
         out = [f"train.micro_batch={self.micro_batch}", f"memory.checkpointing={self.checkpointing}",
-               f"optim.bits={self.bits}"]
+               "memory.every_k=1", f"optim.bits={self.bits}"]
         if self.offload:
             out += ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]
         return out
 
-    def describe(self, total_batch: int) -> str:
-        accum = total_batch // self.micro_batch
-        return (f"micro-batch {self.micro_batch} x {accum}, checkpointing {self.checkpointing}, {self.bits}-bit"
-                + (", ZeRO-2 offload" if self.offload else ""))
+    def describe(self, cfg: Config) -> str:
+        planned = apply_plan(cfg, self)
+        return (f"micro-batch {self.micro_batch} x {planned.train.accumulation()}, checkpointing {self.checkpointing}, "
+                f"{self.bits}-bit" + (", ZeRO-2 offload" if self.offload else ""))
 
 
 POLICIES = ("none", "selective", "blocks", "full")
@@ -68,12 +68,7 @@ def technique_sets(cfg: Config, cuda: bool, offload: bool | None = None,
 
 
 def apply_plan(cfg: Config, plan: Plan) -> Config:
-    mem = dataclasses.replace(cfg.memory, checkpointing=plan.checkpointing, every_k=1)
-    if plan.offload:
-        mem = dataclasses.replace(mem, deepspeed=dataclasses.replace(cfg.memory.deepspeed, stage=2,
-                                                                      offload_optimizer=True))
-    return dataclasses.replace(cfg, memory=mem, optim=dataclasses.replace(cfg.optim, bits=plan.bits),
-                               train=dataclasses.replace(cfg.train, micro_batch=plan.micro_batch))
+    return with_overrides(cfg, plan.overrides())
 
 
 def peak_of(m: Measurement, cuda: bool) -> float:
@@ -105,18 +100,17 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
 
 
 def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidates) -> None:
-    total = cfg.train.total_batch
     for policy, bits, offload in candidates:
         for mb in sizes:
             plan = Plan(mb, policy, bits, offload)
-            m = measure(apply_plan(cfg, plan), label=plan.describe(total), steps=steps, device=device,
+            m = measure(apply_plan(cfg, plan), label=plan.describe(cfg), steps=steps, device=device,
                         breakdown=not cuda, cap_gib=budget_gib if cuda else None)
             fits = m.fits and peak_of(m, cuda) <= budget_gib
             if m.fits and not fits:
                 m.note = m.note or f"peak {peak_of(m, cuda):.2f} GiB over the {budget_gib:g} GiB budget"
             m.fits = fits
             tried.append((plan, m))
-            report(f"  {plan.describe(total):<58} " + (f"peak {peak_of(m, cuda):7.3f} GiB  {m.img_s:7.1f} img/s"
+            report(f"  {plan.describe(cfg):<58} " + (f"peak {peak_of(m, cuda):7.3f} GiB  {m.img_s:7.1f} img/s"
                                                        if fits else f"does not fit: {m.note}"))
             if fits:
                 break  # smaller micro-batches of this technique set are slower
@@ -129,8 +123,8 @@ def auto_fit(cfg: Config, budget_gib: float, steps: int = 3, report=print) -> Co
     if plan is None:
         raise ConfigError(f"no plan fits {budget_gib:g} GiB for {cfg.name}, even micro-batch 1 with full "
                           "checkpointing and 8-bit states (and offload on a GPU); use a smaller crop or a larger budget")
-    report(f"chosen: {plan.describe(cfg.train.total_batch)}")
-    report("as overrides: " + " ".join(plan.overrides(cfg.train.total_batch)))
+    report(f"chosen: {plan.describe(cfg)}")
+    report("as overrides: " + " ".join(plan.overrides()))
     return apply_plan(cfg, plan)
 
 

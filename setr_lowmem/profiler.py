@@ -8,7 +8,9 @@ breakdown by category and phase (PyTorch's MemTracker), `memory_timeline_png` an
 
 from __future__ import annotations
 
+import inspect
 import resource
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -88,9 +90,6 @@ class Breakdown:
     categories: dict[str, float]
     phases: dict[str, dict[str, float]]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def _gib_snapshot(snapshot: dict) -> dict[str, float]:
     """MemTracker's {device: {reftype: bytes}} summed over devices, in GiB, with our category names."""
@@ -107,27 +106,41 @@ def _gib_snapshot(snapshot: dict) -> dict[str, float]:
     return out
 
 
-def breakdown_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, forward_backward, optimizer_step) -> Breakdown:
+def breakdown_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, forward_backward: Callable,
+                   optimizer_step: Callable[[], None]) -> Breakdown:
     """Run one training step under `torch.distributed._tools.mem_tracker.MemTracker`.
 
-    `forward_backward()` and `optimizer_step()` run the two halves of the step. Forward and
-    backward peaks come from the tracker's per-module states of `module` (the root it sees);
-    the optimizer step is tracked by a second tracker that starts from the tensors then alive.
-    Works on the CPU and on CUDA (not under DeepSpeed, which manages its own buffers).
+    `forward_backward()` runs one micro-batch's forward and backward; a `forward_backward` that
+    takes an argument runs several and is given `after_micro_batch`, to call after each.
+    `optimizer_step()` runs the rest of the step. Forward and
+    backward peaks come from the tracker's per-module states of `module` (the root it sees), the
+    highest over the micro-batches (the tracker follows one call of a module at a time, so its
+    module states are read and cleared after each); the optimizer step is tracked by a second
+    tracker that starts from the tensors then alive. Works on the CPU and on CUDA (not under
+    DeepSpeed, which manages its own buffers).
     """
     from torch.distributed._tools.mem_tracker import MemTracker, _ModState
 
     tracker = MemTracker()
     tracker.track_external(module, optimizer)
-    with tracker:
-        forward_backward()
-    root = next((s for m, s in tracker.memory_tracking.items() if m is module), None)
-    phases = {}
-    if root is not None:
+    phases: dict[str, dict[str, float]] = {}
+
+    def after_micro_batch() -> None:
+        root = next((s for m, s in tracker.memory_tracking.items() if m is module), None)
         for phase, state in (("forward", _ModState.PEAK_FW), ("backward", _ModState.PEAK_BW)):
-            snaps = root.snapshots.get(state)
+            snaps = root.snapshots.get(state) if root is not None else None
             if snaps:
-                phases[phase] = _gib_snapshot(snaps[-1])
+                snap = _gib_snapshot(snaps[-1])
+                if phase not in phases or snap["total"] > phases[phase]["total"]:
+                    phases[phase] = snap
+        tracker.reset_mod_stats()
+
+    with tracker:
+        if inspect.signature(forward_backward).parameters:
+            forward_backward(after_micro_batch)
+        else:
+            forward_backward()
+            after_micro_batch()
     step_tracker = MemTracker()
     step_tracker.track_external(module, optimizer)
     with step_tracker:

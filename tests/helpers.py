@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,17 +35,14 @@ def accelerate(*args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *args]
 
 
-LOSS_LINE = re.compile(r"iter (\d+)/\d+ loss ([-\w.]+)")
+def metrics(run_dir: Path) -> list[dict]:
+    """The run's `metrics.jsonl` records, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """Iteration -> mean loss, from the run's plain-text log (later lines win after a resume)."""
-    out = {}
-    for line in (Path(run_dir) / "train.log").read_text().splitlines():
-        m = LOSS_LINE.search(line)
-        if m:
-            out[int(m.group(1))] = float(m.group(2))
-    return out
+    """Iteration -> mean loss of the logged window (later records win after a resume)."""
+    return {r["iteration"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
 
 
 def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

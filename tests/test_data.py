@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from setr_lowmem.config import DataConfig, SyntheticConfig
+from setr_lowmem.config import DataConfig, SyntheticConfig, TrainConfig
 from setr_lowmem.data.loader import StreamSampler, TrainStream, stream_state
-from setr_lowmem.data.sources import DataError, load_pair, open_source
+from setr_lowmem.data.base import DataError, load_pair
+from setr_lowmem.data.sources import open_source
 from setr_lowmem.data.synthetic import make_scene
 from setr_lowmem.data.transforms import photometric_distortion, random_crop, rescale_size, train_transform
 from tests.fixtures import make_ade, make_cityscapes, make_imagefolder, make_pascal_context, scene
@@ -300,11 +301,12 @@ def test_stream_is_deterministic_in_seed_and_position():
 
 
 def test_sampler_resumes_and_matches_across_process_layouts():
-    full = list(StreamSampler(8, 2, max_iters=6))
-    resumed = list(StreamSampler(8, 2, start_iter=3, max_iters=6))
+    train = TrainConfig(total_batch=8, micro_batch=2)
+    full = list(StreamSampler(2, train.accumulation(), max_iters=6))
+    resumed = list(StreamSampler(2, train.accumulation(), start_iter=3, max_iters=6))
     assert resumed == full[3 * 8:]
-    one_proc = list(StreamSampler(8, 2, rank=0, world=1, max_iters=2))  # accumulation 4
-    ranks = [list(StreamSampler(8, 2, rank=r, world=2, max_iters=2)) for r in range(2)]  # accumulation 2
+    one_proc = list(StreamSampler(2, train.accumulation(1), rank=0, world=1, max_iters=2))  # accumulation 4
+    ranks = [list(StreamSampler(2, train.accumulation(2), rank=r, world=2, max_iters=2)) for r in range(2)]  # 2
     # micro-step k of rank r equals micro-step (k * world + r) of the single process
     for it in range(2):
         for k in range(2):
@@ -313,8 +315,8 @@ def test_sampler_resumes_and_matches_across_process_layouts():
                 single = one_proc[(it * 4 + k * 2 + r) * 2:(it * 4 + k * 2 + r + 1) * 2]
                 assert mine == single
     assert stream_state(5, 8, 0, 12) == {"epoch": 3, "index": 4, "seed": 0, "position": 40}
-    with pytest.raises(ValueError, match="total batch 8 is not micro_batch 3"):
-        StreamSampler(8, 3)
+    with pytest.raises(ValueError, match="total_batch 8 is not a multiple of micro_batch 2 x 3 processes"):
+        train.accumulation(3)
 
 
 def test_synthetic_scenes_are_deterministic_and_varied():

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from setr_lowmem.engine.checkpoint import WRAPPER
-from setr_lowmem.engine.loss import SegmentationLoss
+from setr_lowmem.memory.checkpointing import WRAPPER
+from setr_lowmem.model.loss import SegmentationLoss
 from setr_lowmem.memory.allocator import SETTING, configure_cuda_allocator
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
 from setr_lowmem.memory.decoder import (apply_decoder_rewrites, bilinear_matrix, upsample_cross_entropy,

@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from setr_lowmem.config import config_from_dict, config_to_dict
 from setr_lowmem.engine import train as train_mod
 from setr_lowmem.engine.checkpoint import list_checkpoints
-from setr_lowmem.engine.loss import SegmentationLoss
+from setr_lowmem.model.loss import SegmentationLoss
 from tests.conftest import tiny_config
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from setr_lowmem.engine.checkpoint import WRAPPER
-from setr_lowmem.engine.train import build_for_training
+from setr_lowmem.memory.checkpointing import WRAPPER
+from setr_lowmem.engine.step import build_for_training
 from tests.conftest import tiny_config
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from setr_lowmem.config import load_config
-from setr_lowmem.engine.loss import SegmentationLoss, resize_to
+from setr_lowmem.model.loss import SegmentationLoss, resize_to
 from setr_lowmem.model import build_setr, count_parameters
 from setr_lowmem.model.encoder import WeightsError
 from tests.conftest import tiny_config
@@ -129,7 +129,7 @@ def test_mmseg_loss_reduction_averages_over_all_pixels():
     logits = torch.randn(1, 3, 4, 4)
     labels = torch.randint(0, 3, (1, 4, 4))
     labels[0, :2] = 255  # half the pixels ignored
-    from setr_lowmem.engine.loss import seg_cross_entropy
+    from setr_lowmem.model.loss import seg_cross_entropy
     ours = seg_cross_entropy(logits, labels)
     torch_default = F.cross_entropy(logits, labels, ignore_index=255)
     torch.testing.assert_close(ours, torch_default / 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -166,3 +167,22 @@ def test_fit_line_says_whether_a_card_holds_it():
         "fits a 24 GB card with 7.6 GiB to spare")
     assert "needs 2.0 GiB more than a 24 GB card" in fit_line(Peaks(allocated=20, reserved=25, device=26, host_rss=1))
     assert "no GPU" in fit_line(Peaks(host_rss=1.0), cuda=False)
+
+
+@pytest.mark.parametrize("mode", [[], ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]],
+                         ids=["plain", "zero2_offload"])
+def test_the_planner_measures_the_step_that_training_runs(tmp_path, mode, monkeypatch):
+    """measure() (the planner's and the benchmarks' measurement) runs training's own step, prepared
+    the same way: on training's data stream its losses are training's, accumulation included."""
+    # DeepSpeed in this process sets the rendezvous variables; later tests' subprocesses must not inherit them
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    from setr_lowmem.data.loader import build_train_loader
+    from setr_lowmem.engine.train import train
+
+    tiny = load_config("test_tiny", [f"train.out_dir={tmp_path / 'run'}", "schedule.iters=3", "train.total_batch=4",
+                                     "train.micro_batch=2", "data.num_workers=0", *mode])
+    # measurement first, as `train.py --auto-fit` does (training ends by closing the process group)
+    measured = measure(tiny, steps=3, breakdown=False, batches=iter(build_train_loader(tiny)))
+    trained = train(tiny)["losses"]
+    assert len(trained) == 3 and len(set(trained)) == 3
+    assert measured.losses == pytest.approx(trained, rel=1e-6)

@@ -13,8 +13,8 @@ from accelerate.state import AcceleratorState
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.flop_counter import FlopCounterMode
 
-from setr_lowmem.engine.checkpoint import WRAPPER
-from setr_lowmem.engine.loss import SegmentationLoss
+from setr_lowmem.memory.checkpointing import WRAPPER
+from setr_lowmem.model.loss import SegmentationLoss
 from setr_lowmem.engine.schedule import build_scheduler, poly_lr
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
 from setr_lowmem.memory.optim import build_optimizer, optimizer_state_bytes, param_groups

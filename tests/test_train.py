@@ -195,7 +195,8 @@ def test_embedded_dataset_is_learned_well_above_chance(tmp_path):
     import numpy as np
 
     from setr_lowmem.config import load_config
-    from setr_lowmem.data.sources import load_pair, open_source
+    from setr_lowmem.data.base import load_pair
+    from setr_lowmem.data.sources import open_source
 
     cfg = load_config("test_tiny", ["data.synthetic.num_val=24"])
     src = open_source(cfg.data, "val")

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from setr_lowmem.config import Config, DataConfig
-from setr_lowmem.data.sources import Source, load_pair, open_source
+from setr_lowmem.data.base import Source, load_pair
+from setr_lowmem.data.sources import open_source
 from setr_lowmem.data.transforms import test_transform, train_transform
 
 
@@ -51,15 +52,13 @@ class TrainStream(Dataset):
 
 
 class StreamSampler(Sampler[int]):
-    """Yields this process's stream positions, iteration by iteration, from `start_iter` on."""
+    """Yields this process's stream positions, iteration by iteration, from `start_iter` on: each
+    iteration is `accumulation` micro-batches of `micro_batch` on each of `world` processes."""
 
-    def __init__(self, total_batch: int, micro_batch: int, rank: int = 0, world: int = 1, start_iter: int = 0,
+    def __init__(self, micro_batch: int, accumulation: int, rank: int = 0, world: int = 1, start_iter: int = 0,
                  max_iters: int | None = None):
-        if total_batch % (micro_batch * world):
-            raise ValueError(f"total batch {total_batch} is not micro_batch {micro_batch} x accumulation x "
-                             f"{world} process(es)")
-        self.total, self.micro, self.rank, self.world = total_batch, micro_batch, rank, world
-        self.accum = total_batch // (micro_batch * world)
+        self.micro, self.accum, self.rank, self.world = micro_batch, accumulation, rank, world
+        self.total = micro_batch * accumulation * world
         self.start_iter, self.max_iters = start_iter, max_iters
 
     def __iter__(self) -> Iterator[int]:
@@ -87,7 +86,7 @@ def build_train_loader(cfg: Config, start_iter: int = 0, rank: int = 0, world: i
                        source: Source | None = None) -> DataLoader:
     source = source or open_source(cfg.data, cfg.data.train_split)
     stream = TrainStream(source, cfg.data, cfg.train.seed)
-    sampler = StreamSampler(cfg.train.total_batch, cfg.train.micro_batch, rank, world, start_iter,
+    sampler = StreamSampler(cfg.train.micro_batch, cfg.train.accumulation(world), rank, world, start_iter,
                             cfg.schedule.iters)
     return DataLoader(stream, batch_size=cfg.train.micro_batch, sampler=sampler,
                       num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -19,30 +18,10 @@ import numpy as np
 from PIL import Image
 
 from setr_lowmem.config import DataConfig
+from setr_lowmem.data.base import IGNORE, DataError, Source, identity_lut, open_image, pair_rows
+from setr_lowmem.data.synthetic import synthetic_source
 
 log = logging.getLogger(__name__)
-
-IGNORE = 255
-
-
-class DataError(ValueError):
-    """A dataset problem (missing root, unmatched files, bad labels), in one line."""
-
-
-@dataclass
-class Source:
-    """A split ready for the loader: undecoded (image, label) rows and the label lookup table."""
-
-    rows: datasets.Dataset
-    lut: np.ndarray  # uint8[256]: stored value -> training id (255 = ignore)
-    name: str
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def identity_lut() -> np.ndarray:
-    return np.arange(256, dtype=np.uint8)
 
 
 def reduce_zero_lut() -> np.ndarray:
@@ -81,12 +60,6 @@ def _pairs(images: list[Path], labels: list[Path], key_img, key_lbl, where: str)
     if not keys:
         raise DataError(f"{where}: the split is empty")
     return [str(by_img[k]) for k in keys], [str(by_lbl[k]) for k in keys]
-
-
-def pair_rows(images: list, labels: list) -> datasets.Dataset:
-    """Undecoded `image` and `label` columns: paths, or datasets.Image dicts with encoded bytes."""
-    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)})
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
 def _require(path: Path, layout: str) -> None:
@@ -206,8 +179,6 @@ def open_source(cfg: DataConfig, split: str) -> Source:
     """The split of the configured dataset."""
     root = Path(cfg.root).expanduser()
     if cfg.dataset == "synthetic":
-        from setr_lowmem.data.synthetic import synthetic_source
-
         return synthetic_source(cfg, split)
     if cfg.dataset == "ade20k":
         return ade20k(root, split)
@@ -216,48 +187,3 @@ def open_source(cfg: DataConfig, split: str) -> Source:
     if cfg.dataset in ("pascal_context", "pascal_context59"):
         return pascal_context(root, split, drop_background=cfg.dataset == "pascal_context59")
     return hf_dataset(cfg, split)
-
-
-def open_image(ref: str | Path | dict, mode: str) -> Image.Image:
-    """Decode one image (a path, or a datasets.Image dict with path/bytes) and convert it to `mode`."""
-    import io
-
-    if isinstance(ref, dict):
-        where = ref.get("path") or "<embedded image>"
-        data = ref.get("bytes")
-        src = io.BytesIO(data) if data else ref.get("path")
-    else:
-        where = src = str(ref)
-    try:
-        img = Image.open(src)
-        img.load()
-    except FileNotFoundError:
-        raise DataError(f"file not found: {where}") from None
-    except Exception as err:  # noqa: BLE001 - PIL raises several kinds for corrupt files
-        raise DataError(f"cannot read image {where}: {type(err).__name__}: {err}") from None
-    if mode == "L" and img.mode not in ("L", "P", "I", "I;16"):
-        raise DataError(f"label {where} is {img.mode}, not a single-channel class map")
-    if mode == "L" and img.mode in ("I", "I;16"):
-        arr = np.asarray(img)
-        if arr.max(initial=0) > 255:
-            raise DataError(f"label {where} has values up to {arr.max()}, beyond 255")
-        return Image.fromarray(arr.astype(np.uint8))
-    if mode == "L" and img.mode == "P":
-        return Image.fromarray(np.asarray(img))  # the palette indices are the classes
-    return img.convert(mode)
-
-
-def load_pair(rows: datasets.Dataset, index: int, lut: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Decode row `index`: RGB uint8 HxWx3 image, uint8 HxW training-id label, and the label's name."""
-    row = rows[index]
-    image = np.array(open_image(row["image"], "RGB"))  # a writable copy for torch.from_numpy
-    label_ref = row["label"]
-    label = lut[np.asarray(open_image(label_ref, "L"))]
-    where = (label_ref.get("path") if isinstance(label_ref, dict) else str(label_ref)) or f"row {index}"
-    if image.shape[:2] != label.shape:
-        raise DataError(f"image and label sizes differ for {where}: {image.shape[:2]} vs {label.shape}")
-    bad = label[(label >= num_classes) & (label != IGNORE)]
-    if bad.size:
-        raise DataError(f"label {where} has value {int(bad.max())} outside 0..{num_classes - 1} (and {IGNORE}) "
-                        "after the dataset's label mapping; check data.num_classes")
-    return image, label, where

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from setr_lowmem.config import DataConfig
-from setr_lowmem.data.sources import DataError, Source, identity_lut, pair_rows
+from setr_lowmem.data.base import DataError, Source, identity_lut, pair_rows
 
 # class id -> (name, shape, texture, base hue in [0, 1))
 CLASSES = [

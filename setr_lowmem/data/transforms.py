@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from setr_lowmem.config import DataConfig
-from setr_lowmem.data.sources import IGNORE
+from setr_lowmem.data.base import IGNORE
 
 
 def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:

@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from setr_lowmem.config import Config, config_to_dict, diff_configs, save_config
+from setr_lowmem.config import Config, config_to_dict, diff_configs, may_change_on_resume, save_config
+from setr_lowmem.errors import SetrError
+from setr_lowmem.memory.checkpointing import WRAPPER
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^iter_(\d+)$")
-WRAPPER = "_checkpoint_wrapped_module."
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SetrError, RuntimeError):
     """A checkpoint that cannot be used (missing, incomplete, or from an incompatible config)."""
 
 
@@ -91,18 +92,13 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-# Sections and keys that may change between a run and its resumption without changing what
-# is being trained (logging, paths, throughput-only techniques).
-MAY_DIFFER = ("name", "train.log_every", "train.val_every", "train.ckpt_every", "train.keep_last",
-              "train.max_bad_steps", "train.out_dir", "train.val_max_images", "train.micro_batch",
-              "data.root", "data.num_workers", "memory.checkpointing", "memory.every_k", "memory.attention", "eval.")
-
-
 def check_compatible(path: Path, cfg: Config) -> None:
+    """A resume whose config differs from the checkpoint's in what is trained is an error that lists
+    the differences; the keys whose fields say `may_change_on_resume` may differ."""
     import yaml
 
     saved = yaml.safe_load((path / "config.yaml").read_text())
-    diffs = [d for d in diff_configs(saved, config_to_dict(cfg)) if not d.startswith(MAY_DIFFER)]
+    diffs = [d for d in diff_configs(saved, config_to_dict(cfg)) if not may_change_on_resume(d.split(":", 1)[0])]
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: the config differs in what is trained: " + "; ".join(diffs))
 

@@ -19,8 +19,9 @@ from torch import nn
 
 from setr_lowmem.config import Config
 from setr_lowmem.data.loader import EvalSet, eval_inputs
-from setr_lowmem.data.sources import IGNORE, Source, open_source
-from setr_lowmem.engine.loss import resize_to
+from setr_lowmem.data.base import IGNORE, Source
+from setr_lowmem.data.sources import open_source
+from setr_lowmem.model.loss import resize_to
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 

@@ -26,9 +26,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from setr_lowmem.config import MemoryConfig
-from setr_lowmem.engine.loss import HeadLoss, SegmentationLoss
+from setr_lowmem.model.loss import SegmentationLoss
 
 log = logging.getLogger(__name__)
+
+# What the checkpoint wrapper puts into parameter names (state dicts strip it again).
+WRAPPER = "_checkpoint_wrapped_module."
 
 _aten = torch.ops.aten
 # Outputs worth keeping: the expensive ops of a transformer block.
@@ -50,9 +53,7 @@ def _frozen_batchnorm_stats(module: torch.nn.Module):
     """During recomputation BatchNorm must normalise exactly as before (the same ops, the same
     saved tensors) but not update its running statistics a second time: momentum 0 makes the
     update `running * 1 + batch * 0`, and the batch counter is put back afterwards."""
-    # a head-with-loss unit holds its head as a plain attribute (the head belongs to the model)
-    inside = list(module.modules()) + (list(module.head.modules()) if isinstance(module, HeadLoss) else [])
-    norms = [m for m in inside if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats and m.momentum is not None]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
@@ -115,8 +116,4 @@ def apply_activation_checkpointing(train_module: SegmentationLoss, cfg: MemoryCo
     log.info("activation checkpointing %s: wrapped %s (%d blocks, %d neck, %d head+loss units)",
              policy, what, done["blocks"], done["neck"], done["heads"])
     return done
-
-
-def is_checkpointed(module: torch.nn.Module) -> bool:
-    return any(m.__class__.__name__ == "CheckpointWrapper" for m in module.modules())
 

@@ -32,6 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from setr_lowmem.config import LossConfig
+from setr_lowmem.model.heads import MLAHead, UpHead, Upsample
+from setr_lowmem.model.loss import HeadLoss, seg_cross_entropy
+
 log = logging.getLogger(__name__)
 
 
@@ -39,20 +43,29 @@ def apply_classifier_first(model: nn.Module) -> int:
     """Move each head's 1x1 classifier ahead of its last bilinear upsample; returns the heads changed."""
     n = 0
     for module in model.modules():
-        if hasattr(module, "classify_before_last_upsample"):
+        if isinstance(module, (UpHead, MLAHead)):
             module.classify_before_last_upsample = True
             n += 1
     log.info("classifier before the last upsample in %d heads", n)
     return n
 
 
+def fused_upsample_cross_entropy(logits: torch.Tensor, scale: int, labels: torch.Tensor, cfg: LossConfig,
+                                 backend: str = "auto") -> torch.Tensor:
+    """A `HeadLoss` criterion: the head's last upsample done inside the cross-entropy
+    (`upsample_cross_entropy`), so its full-resolution logits never exist."""
+    if scale > 1 and (logits.shape[-2] * scale, logits.shape[-1] * scale) != tuple(labels.shape[-2:]):
+        # the head's own last upsample does not end at the label's size: keep it, fuse the resize after
+        logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+    return upsample_cross_entropy(logits, labels, cfg.ignore_index, cfg.avg_non_ignore, backend=backend)
+
+
 def apply_fused_upsample_loss(train_module: nn.Module, backend: str = "auto") -> int:
-    """Let every head's loss take the logits before the last upsample and interpolate them inside the
-    cross-entropy (`backend`: 'triton', 'torch' or 'auto', see `upsample_cross_entropy`)."""
-    units = train_module.head_losses
+    """Give every head's loss the fused criterion (`backend`: 'triton', 'torch' or 'auto', see
+    `upsample_cross_entropy`); returns how many."""
+    units = [m for unit in train_module.head_losses for m in unit.modules() if isinstance(m, HeadLoss)]
     for unit in units:
-        inner = getattr(unit, "_checkpoint_wrapped_module", unit)
-        inner.fused_upsample = backend
+        unit.criterion = functools.partial(fused_upsample_cross_entropy, backend=backend)
     log.info("upsample fused into the cross-entropy for %d heads (backend %s)", len(units), backend)
     return len(units)
 
@@ -112,8 +125,6 @@ def upsample_matmul_backward(x: torch.Tensor, size: tuple[int, int]) -> torch.Te
 
 def apply_matmul_upsample_backward(model: nn.Module) -> int:
     """Give every bilinear `Upsample` module of the heads the matrix-product backward; returns how many."""
-    from setr_lowmem.model.heads import Upsample
-
     n = 0
     for module in model.modules():
         if isinstance(module, Upsample):
@@ -207,8 +218,6 @@ def upsample_cross_entropy(low: torch.Tensor, labels: torch.Tensor, ignore_index
         from setr_lowmem.memory.fused_ce_triton import TritonUpsampleCrossEntropy
 
         return TritonUpsampleCrossEntropy.apply(low, labels, ignore_index, denom.float()).to(denom.dtype)
-    from setr_lowmem.engine.loss import seg_cross_entropy
-
     rows = max(1, math.ceil((band_pixels or BAND_PIXELS) / labels.shape[-1]))
     if rows >= labels.shape[-2]:  # one band is the whole image: the plain ops are the same and cheaper
         return seg_cross_entropy(low, labels, ignore_index, avg_non_ignore)

@@ -26,6 +26,7 @@ import socket
 import torch
 
 from setr_lowmem.config import Config
+from setr_lowmem.errors import SetrError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 BUCKET = 50_000_000
 
 
-class DeepSpeedSetupError(RuntimeError):
+class DeepSpeedSetupError(SetrError, RuntimeError):
     """DeepSpeed asked for but not in effect, or not with the configured optimizer."""
 
 

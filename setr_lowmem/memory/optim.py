@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from setr_lowmem.config import OptimConfig
-from setr_lowmem.engine.checkpoint import WRAPPER
+from setr_lowmem.memory.checkpointing import WRAPPER
 from setr_lowmem.model.setr import is_head_parameter
 
 log = logging.getLogger(__name__)

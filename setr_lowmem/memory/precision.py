@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+from timm.layers import Attention
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def apply_attention_kernel(model: nn.Module, kind: str) -> int:
     """Switch every timm attention module to SDPA (`fused_attn=True`) or eager; returns the count."""
     n = 0
     for module in model.modules():
-        if hasattr(module, "fused_attn") and hasattr(module, "qkv"):
+        if isinstance(module, Attention):
             module.fused_attn = kind == "sdpa"
             n += 1
     log.info("attention: %s in %d blocks", kind, n)

@@ -24,6 +24,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from setr_lowmem.config import ModelConfig
+from setr_lowmem.errors import SetrError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMM_WEIGHTS = "vit_large_patch16_384.augreg_in21k_ft_in1k"
 
 
-class WeightsError(ValueError):
+class WeightsError(SetrError, ValueError):
     """A weights file that is missing, unreadable or of another model."""
 
 

@@ -134,25 +134,39 @@ class MLANeck(nn.Module):
         return outs
 
 
+class MLABranch(nn.Sequential):
+    """One level of the MLA head: two 3x3 conv units, then bilinear upsampling (mmseg's
+    `up_convs.{i}`: indices 0, 1 the convs, 2 the upsample)."""
+
+    def __init__(self, in_channels: int, mla_channels: int, up_scale: int):
+        super().__init__(ConvModule(in_channels, mla_channels, 3), ConvModule(mla_channels, mla_channels, 3),
+                         Upsample(up_scale))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch before its upsample."""
+        return self[1](self[0](x))
+
+    @property
+    def upsample(self) -> Upsample:
+        return self[2]
+
+
 class MLAHead(ClassifierHead):
     """SETR-MLA head: per level two 3x3 convs (channels -> mla_channels) and bilinear x4, concat, classifier."""
 
     def __init__(self, in_channels: int, mla_channels: int, num_classes: int, num_levels: int = 4,
                  up_scale: int = 4, dropout: float = 0.0):
         super().__init__(num_levels * mla_channels, num_classes, dropout, in_index=-1)
-        self.up_convs = nn.ModuleList(
-            nn.Sequential(ConvModule(in_channels, mla_channels, 3), ConvModule(mla_channels, mla_channels, 3),
-                          Upsample(up_scale))
-            for _ in range(num_levels))
+        self.up_convs = nn.ModuleList(MLABranch(in_channels, mla_channels, up_scale) for _ in range(num_levels))
         self.classify_before_last_upsample = False
 
     def forward_deferred(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(logits, scale) as `UpHead.forward_deferred`. With the classifier first, the branches are
         concatenated before their (shared, linear) x4 upsample and classified at 1/4 resolution."""
         if self.classify_before_last_upsample:
-            feats = [stage[1](stage[0](x)) for x, stage in zip(inputs, self.up_convs)]
-            return self.cls_seg(torch.cat(feats, dim=1)), self.up_convs[0][2].scale
-        return self.cls_seg(torch.cat([stage(x) for x, stage in zip(inputs, self.up_convs)], dim=1)), 1
+            feats = [branch.features(x) for x, branch in zip(inputs, self.up_convs)]
+            return self.cls_seg(torch.cat(feats, dim=1)), self.up_convs[0].upsample.scale
+        return self.cls_seg(torch.cat([branch(x) for x, branch in zip(inputs, self.up_convs)], dim=1)), 1
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         logits, scale = self.forward_deferred(inputs)

@@ -1,7 +1,11 @@
 """`build_setr(cfg)`: the plain SETR model (encoder, optional MLA neck, decode head, aux heads).
 
-The module knows no memory technique: no checkpointing flags, no dtype logic. Those are
-applied from outside by `setr_lowmem.memory`.
+The model holds no checkpointing, precision or optimizer logic: the memory techniques are
+applied from outside by `setr_lowmem.memory`. The heads offer two hooks that the decoder
+rewrites set, both off by default and both exact: `classify_before_last_upsample` (the 1x1
+classifier before the last bilinear upsample) and each `Upsample`'s `resize` (its backward as
+matrix products); and `forward_deferred`, the logits before the last upsample, which the loss
+uses so that the fused loss can take over that upsample.
 """
 
 from __future__ import annotations

@@ -10,10 +10,15 @@ paper's reduction is the default here.
 `SegmentationLoss` wraps a model so that one call gives the weighted loss of a batch. It
 keeps one `HeadLoss` per head: the unit that `apply_activation_checkpointing(..., 'full')`
 wraps, so that a head's full-resolution logits are recomputed in backward instead of being
-kept alive.
+kept alive. A `HeadLoss` asks its head for the logits before the head's last upsample and
+hands them to its `criterion`: by default the upsample and the cross-entropy above; the
+fused-loss technique (`memory.decoder.apply_fused_upsample_loss`) puts one there that never
+builds the full-resolution logits.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,31 +45,34 @@ def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return total / labels.numel()
 
 
+# (logits before the head's last upsample, that upsample's factor, labels, loss config) -> loss
+Criterion = Callable[[torch.Tensor, int, torch.Tensor, LossConfig], torch.Tensor]
+
+
+def resized_cross_entropy(logits: torch.Tensor, scale: int, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """The plain criterion: the head's last upsample (by `scale`), then `seg_cross_entropy`."""
+    if scale > 1:
+        logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+    return seg_cross_entropy(logits, labels, cfg.ignore_index, cfg.avg_non_ignore)
+
+
 class HeadLoss(nn.Module):
-    """One head and its weighted loss, as one callable unit (it owns no parameters of its own:
-    the head stays registered in the model)."""
+    """One head and its weighted loss, as one callable unit.
+
+    The head is a submodule here *and* in the model, where its parameters belong: `SegmentationLoss`
+    keeps the units in a plain list, outside its module tree, so no parameter is counted twice.
+    """
 
     def __init__(self, head: nn.Module, weight: float, cfg: LossConfig):
         super().__init__()
-        # A plain attribute, not a submodule: the head's parameters belong to the model.
-        object.__setattr__(self, "head", head)
+        self.head = head
         self.weight = weight
-        self.ignore_index = cfg.ignore_index
-        self.avg_non_ignore = cfg.avg_non_ignore
-        self.fused_upsample = ""  # a backend name, set by memory.decoder.apply_fused_upsample_loss
+        self.cfg = cfg
+        self.criterion: Criterion = resized_cross_entropy
 
     def forward(self, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        if not self.fused_upsample:
-            logits = self.head(inputs)
-            return self.weight * seg_cross_entropy(logits, labels, self.ignore_index, self.avg_non_ignore)
-        from setr_lowmem.memory.decoder import upsample_cross_entropy
-
         logits, scale = self.head.forward_deferred(inputs)
-        if scale > 1 and (logits.shape[-2] * scale, logits.shape[-1] * scale) != tuple(labels.shape[-2:]):
-            # the head's own last upsample does not end at the label's size: keep it, fuse the resize after
-            logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
-        return self.weight * upsample_cross_entropy(logits, labels, self.ignore_index, self.avg_non_ignore,
-                                                    backend=self.fused_upsample)
+        return self.weight * self.criterion(logits, scale, labels, self.cfg)
 
 
 class SegmentationLoss(nn.Module):

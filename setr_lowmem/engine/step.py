@@ -1,0 +1,205 @@
+"""One training step, the same for training, the planner and the benchmarks.
+
+    make_accelerator(cfg) -> prepare_step(cfg, accelerator) -> TrainingStep
+    step.run(micro_batches): for each micro-batch, forward + loss + backward under
+    accelerate's accumulation; then one optimizer step (or the skip of a non-finite one)
+    and one lr step.
+
+`build_for_training` is where the memory techniques meet the plain model, in a fixed order
+(see its docstring); `prepare_step` hands the result to accelerate (and DeepSpeed, when a ZeRO
+stage is configured) exactly as training does, so that what the planner measures is what
+training will run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
+                               set_seed)
+
+from setr_lowmem.config import Config, ConfigError
+from setr_lowmem.engine.schedule import build_scheduler
+from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
+from setr_lowmem.memory.decoder import apply_decoder_rewrites
+from setr_lowmem.memory.deepspeed import check_deepspeed, deepspeed_config, prepare_single_process_env
+from setr_lowmem.memory.kernels import apply_channels_last, apply_compiled_convs
+from setr_lowmem.memory.optim import build_optimizer, expected_optimizer_class
+from setr_lowmem.memory.precision import apply_attention_kernel, apply_fp32_batchnorm, autocast_factory, input_dtype
+from setr_lowmem.model import build_setr
+from setr_lowmem.model.loss import SegmentationLoss
+
+log = logging.getLogger("setr_lowmem")
+
+
+def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = False) -> Accelerator:
+    """The Accelerator for `cfg`: a DeepSpeed plugin when a ZeRO stage is set, the accumulation of
+    `cfg.train`, TensorBoard under `run_dir/tb` when `trackers`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        accumulation = cfg.train.accumulation(world)
+    except ValueError as err:
+        raise ConfigError(f"train.{err}") from None
+    plugin, handlers = None, []
+    if cfg.memory.deepspeed.stage > 0:
+        prepare_single_process_env()
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation))
+        if not torch.cuda.is_available():
+            # accelerate finds no backend for DeepSpeed on the CPU and would count one process
+            # per rank; naming gloo gives it the real world size.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    project = None if run_dir is None else ProjectConfiguration(project_dir=str(run_dir),
+                                                                 logging_dir=str(run_dir / "tb"))
+    return Accelerator(
+        kwargs_handlers=handlers,
+        # Without a GPU, several processes need accelerate's MULTI_CPU (gloo) mode, which it
+        # only picks with cpu=True; DeepSpeed on the CPU must not get it (it would drop the plugin).
+        cpu=not torch.cuda.is_available() and plugin is None,
+        mixed_precision="bf16" if cfg.memory.precision == "bf16_weights" else "no",
+        gradient_accumulation_steps=accumulation,
+        deepspeed_plugin=plugin,
+        log_with="tensorboard" if trackers else None,
+        project_config=project,
+    )
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that the next Accelerator takes its own settings
+    (the planner measures several configurations in one process, then training starts)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def build_for_training(cfg: Config, world: int = 1, device: torch.device | None = None):
+    """(SETR with its loss, optimizer): the model built plain, then each technique applied in order.
+
+    - decoder rewrites first: they choose which ops exist (classifier order, fused loss);
+    - the attention kernel before checkpointing, so recomputation replays the same kernel;
+    - activation checkpointing before SyncBN and the BatchNorm precision: both replace modules
+      or their forward, and must act on the modules inside the checkpoint wrappers;
+    - channels-last and compiled conv units last: they act on the final modules' weights and code.
+    """
+    model = build_setr(cfg)
+    train_module = SegmentationLoss(model, cfg.loss)
+    apply_decoder_rewrites(train_module, cfg.memory)
+    apply_attention_kernel(model, cfg.memory.attention)
+    apply_activation_checkpointing(train_module, cfg.memory)
+    if world > 1 and cfg.train.sync_bn:
+        if device is not None and device.type == "cuda":
+            model = train_module.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            log.info("BatchNorm synchronised across %d processes", world)
+        else:
+            log.warning("train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm statistics stay per process")
+    if cfg.memory.precision == "bf16_weights":
+        apply_fp32_batchnorm(model)
+    if cfg.memory.channels_last:
+        apply_channels_last(model)
+    if cfg.memory.compile_convs:
+        apply_compiled_convs(model)
+    return train_module, build_optimizer(model, cfg.optim)
+
+
+@dataclass
+class Outcome:
+    """What one step did: the mean loss over its micro-batches (a device tensor), or a skip."""
+
+    loss: torch.Tensor
+    skipped: bool
+
+
+def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """A loss of exactly zero that reaches every parameter (keeps DeepSpeed's bookkeeping in step)."""
+    return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
+
+
+@dataclass
+class TrainingStep:
+    """A model with its techniques, prepared by accelerate, and the step that trains it."""
+
+    accelerator: Accelerator
+    module: torch.nn.Module  # the prepared SegmentationLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    accumulation: int
+    autocast: Callable
+    dtype: torch.dtype
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, skipping: bool = False
+                   ) -> torch.Tensor | None:
+        """Forward, loss and backward of one micro-batch under accelerate's accumulation. Returns the
+        detached loss, or None when it is not finite on some process (every process agrees, so their
+        collective ops stay matched). `skipping`: the step is already lost, the micro-batch only
+        keeps the data position (and DeepSpeed's micro-step count) in step."""
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with self.accelerator.accumulate(self.module):
+            if skipping and not self.deepspeed:
+                return None  # nothing computed
+            with self.autocast():
+                loss, _ = self.module(images, labels)
+            finite = torch.isfinite(loss.detach()).float().reshape(1)
+            if self.accelerator.reduce(finite, reduction="sum").item() < self.accelerator.num_processes:
+                if self.deepspeed:  # DeepSpeed counts micro-steps: give it a zero gradient
+                    self.accelerator.backward(_zero_loss(self.module))
+                return None
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+    def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                         after_backward: Callable[[], None] | None = None) -> Outcome:
+        """Every micro-batch of one iteration through `micro_step`; after a non-finite loss the rest
+        only keep the data position. `after_backward` runs after each (the meters' sampling point)."""
+        total = torch.zeros((), device=self.device)
+        skipped = False
+        for images, labels in micro_batches:
+            loss = self.micro_step(images, labels, skipping=skipped)
+            if loss is None:
+                skipped = True
+            else:
+                total += loss / self.accumulation
+            if after_backward is not None:
+                after_backward()
+        return Outcome(total, skipped)
+
+    def finish(self, skipped: bool) -> None:
+        """The optimizer step (DeepSpeed steps inside its backward), or dropping the gradients of a
+        skipped step; then the lr step, which advances either way."""
+        if not skipped and not self.deepspeed:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def run(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+            after_backward: Callable[[], None] | None = None) -> Outcome:
+        """One iteration: `forward_backward` over `accumulation` micro-batches, then `finish`."""
+        outcome = self.forward_backward(micro_batches, after_backward)
+        self.finish(outcome.skipped)
+        return outcome
+
+
+def prepare_step(cfg: Config, accelerator: Accelerator) -> TrainingStep:
+    """Build the model with `cfg`'s techniques (seeded by `train.seed`), its optimizer and lr
+    schedule, and hand them to accelerate (and DeepSpeed); checks that DeepSpeed is in effect and
+    steps the configured optimizer."""
+    set_seed(cfg.train.seed)
+    module, optimizer = build_for_training(cfg, accelerator.num_processes, accelerator.device)
+    scheduler = build_scheduler(optimizer, cfg.schedule)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    check_deepspeed(accelerator, optimizer, expected_optimizer_class(cfg.optim), cfg)
+    return TrainingStep(accelerator, module, optimizer, scheduler, accelerator.gradient_accumulation_steps,
+                        autocast_factory(cfg.memory.precision, accelerator.device),
+                        input_dtype(cfg.memory.precision))

@@ -1,0 +1,117 @@
+"""The package's shape: floors that import only downwards, no import loops, short functions, and the
+technique lists derived from the config fields' facts."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from setr_lowmem.config import (Config, benchmark_rows, config_fields, load_config, may_change_on_resume,
+                                perf_levers, with_overrides)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "setr_lowmem"
+
+# Lowest first: a module may import from its own floor or below, never from above.
+FLOORS = [
+    ("setr_lowmem.errors", "setr_lowmem.config", "setr_lowmem.profiler"),
+    ("setr_lowmem.model", "setr_lowmem.data"),
+    ("setr_lowmem.memory",),
+    ("setr_lowmem.engine",),
+    ("setr_lowmem.measure", "setr_lowmem.plan", "setr_lowmem.cli"),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def floor(module: str) -> int:
+    if module == "setr_lowmem":
+        return 0
+    for level, prefixes in enumerate(FLOORS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return level
+    raise AssertionError(f"{module} is on no floor: add it to FLOORS")
+
+
+def imports(module: str) -> set[str]:
+    """Every package module `module` imports, at the top or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+                     for a in node.names]
+        else:
+            continue
+        out.update(n for n in names if n in MODULES and n != module)
+    return out
+
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def test_every_module_imports_only_its_floor_or_below():
+    upward = [f"{m} ({floor(m)}) imports {d} ({floor(d)})" for m, deps in GRAPH.items() for d in deps
+              if floor(d) > floor(m)]
+    assert not upward, upward
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for dep in GRAPH[node]:
+                if dep == start:
+                    return path + [start]
+                if dep not in path:
+                    stack.append((dep, path + [dep]))
+        return None
+
+    # a package's __init__ importing its own modules is how packages work, not a loop
+    loops = [cycle for m in MODULES if (cycle := cycle_from(m))
+             and not any(b.startswith(a + ".") for a, b in zip(cycle, cycle[1:]))]
+    assert not loops, loops[0]
+
+
+def test_the_layering_check_can_fail():
+    assert floor("setr_lowmem.memory.decoder") > floor("setr_lowmem.model.loss")
+    assert "setr_lowmem.model.loss" in GRAPH["setr_lowmem.memory.decoder"]
+    assert floor("setr_lowmem.engine.train") > floor("setr_lowmem.memory.checkpointing")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_function_is_over_80_lines(module):
+    long = [f"{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for node in ast.walk(ast.parse(MODULES[module].read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long
+
+
+def test_technique_lists_come_from_the_config_fields():
+    keys = {k for k, _ in config_fields()}
+    rows = benchmark_rows()
+    assert rows[0][0] == "naive" and [r for r, _, gpu in rows if gpu] == ["Triton fused loss"]
+    for _, overrides, _ in rows:
+        assert all(o.split("=")[0] in keys for o in overrides)
+    # every row, added to the ones before it, is a valid configuration
+    cfg, applied = load_config("pup_ade20k", ["model.pretrained="]), []
+    for _, overrides, _ in rows:
+        applied += overrides
+        with_overrides(cfg, applied)
+    assert perf_levers(True) != perf_levers(False)
+    assert {o.split("=")[0] for o in perf_levers(True)} >= {o.split("=")[0] for o in perf_levers(False)}
+    # what may change on resume: logging, paths, throughput-only settings; never what is trained
+    for key in ("name", "train.micro_batch", "train.log_every", "memory.checkpointing", "eval.crop", "data.root"):
+        assert may_change_on_resume(key), key
+    for key in ("optim.lr", "train.total_batch", "memory.precision", "schedule.iters", "data.num_classes"):
+        assert not may_change_on_resume(key), key
+    assert isinstance(Config(), Config)
