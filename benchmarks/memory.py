@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--snapshot", action="store_true",
                         help="also dump a CUDA memory snapshot of that step (open it at https://pytorch.org/memory_viz)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"

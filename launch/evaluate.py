@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from setr_lowmem.cli import prepare_environment, run_main  # noqa: E402
+from setr_lowmem.cli import fail, prepare_environment, run_main  # noqa: E402
 
 prepare_environment()
 
@@ -28,20 +28,24 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
     parser.add_argument("--max-images", type=int, default=0)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     from setr_lowmem.config import load_config
     from setr_lowmem.engine.evaluate import evaluate, format_table
     from setr_lowmem.engine.inference import load_trained
+    from setr_lowmem.engine.rundir import writable_dir
 
     overrides = list(args.overrides) + ([f"eval.scales={MS_SCALES}", "eval.flip=true"] if args.ms_flip else [])
     cfg = load_config(args.cfg, overrides)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
+    if out.is_dir():
+        fail(f"--out {out} is a directory; give the JSON file to write")
+    writable_dir(out.parent, "the directory of --out")  # before the evaluation, not after it
     model, autocast = load_trained(cfg, args.checkpoint)
     device = next(model.parameters()).device
     metrics = evaluate(model, cfg, device, max_images=args.max_images, autocast=autocast)
     print(format_table(metrics))
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
     out.write_text(json.dumps({"config": str(args.cfg), "checkpoint": str(ckpt), "scales": cfg.eval.scales,
                                "flip": cfg.eval.flip, "mode": cfg.eval.mode, **metrics}, indent=1))
     print(f"wrote {out}")

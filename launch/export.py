@@ -23,9 +23,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from setr_lowmem.engine.checkpoint import export_fp32
+    from setr_lowmem.engine.rundir import writable_dir
 
     if not Path(args.checkpoint).is_dir():
         fail(f"checkpoint directory not found: {args.checkpoint}")
+    writable_dir(Path(args.out).parent, "the directory of the output")
     out = export_fp32(Path(args.checkpoint), Path(args.out))
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, fp32)")
 

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--input", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     import numpy as np
     from PIL import Image
@@ -35,6 +35,7 @@ def main() -> None:
     from setr_lowmem.data.base import open_image
     from setr_lowmem.engine.evaluate import predict_probs
     from setr_lowmem.engine.inference import load_trained, overlay
+    from setr_lowmem.engine.rundir import writable_dir
 
     src = Path(args.input)
     if not src.is_dir():
@@ -43,10 +44,9 @@ def main() -> None:
     if not files:
         fail(f"no images ({', '.join(sorted(SUFFIXES))}) in {src}")
     cfg = load_config(args.cfg, args.overrides)
+    out = writable_dir(Path(args.out), "--out")
     model, autocast = load_trained(cfg, args.checkpoint)
     device = next(model.parameters()).device
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for path in files:
         image = np.array(open_image(path, "RGB"))
         pred = predict_probs(model, image, cfg, device, autocast).argmax(0).cpu().numpy().astype(np.uint8)

@@ -28,7 +28,9 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=None, metavar="GIB",
                         help="cap this process's GPU memory, to see whether a smaller card would hold the run")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 train.micro_batch=4")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
+    if args.stop_after is not None and args.stop_after < 1:
+        fail(f"--stop-after must be a positive number of iterations, got {args.stop_after}")
 
     from setr_lowmem.config import load_config
     from setr_lowmem.engine.train import train
@@ -51,6 +53,9 @@ def main() -> None:
     if val is not None:
         print(f"final: iteration {summary['iteration']}, mIoU {val['mIoU']:.2f}, aAcc {val['aAcc']:.2f}, "
               f"mAcc {val['mAcc']:.2f} on {val['images']} validation images; model in {summary['run_dir']}")
+    if summary.get("val_error") and summary["iteration"] == cfg.schedule.iters:
+        fail(f"training finished (model in {summary['run_dir']}) but the final validation failed: "
+             f"{summary['val_error']}")
     if summary.get("stopped_by"):
         fail(f"stopped by {summary['stopped_by']} at iteration {summary['iteration']}; "
              f"continue with --resume auto", code=130)

@@ -32,4 +32,18 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except SetrError as err:
-        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        fail(one_line(err))
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message in one line. An error raised in a DataLoader worker comes back as
+    "Caught DataError in DataLoader worker process 0" followed by the worker's traceback, whose
+    last line holds the original message (the file that could not be read): that line is kept."""
+    text = str(err)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        return lines[-1].removeprefix(prefix).removeprefix(f"{type(err).__name__}: ")
+    return lines[0]

@@ -25,7 +25,10 @@ from setr_lowmem.errors import SetrError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-_STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+# allow_inf_nan=False: every float of a config is finite (a NaN learning rate trains NaN weights)
+_STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 Decoder = Literal["naive", "pup", "mla"]
 DatasetName = Literal["synthetic", "ade20k", "cityscapes", "pascal_context", "pascal_context59", "hf"]
@@ -186,6 +189,8 @@ class DataConfig:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std {list(self.std)} must be positive in every channel (images are divided by it)")
         if self.dataset not in ("synthetic",) and not self.root:
             raise ValueError(f"root is required for dataset {self.dataset!r}")
 
@@ -210,6 +215,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr * max(self.head_lr_mult, 1.0) > FLOAT32_MAX:
+            raise ValueError(f"lr {self.lr} x head_lr_mult {self.head_lr_mult} overflows float32")
         if self.weight_decay < 0 or self.momentum < 0 or self.head_lr_mult <= 0:
             raise ValueError("momentum and weight_decay must be >= 0 and head_lr_mult > 0")
 
@@ -488,9 +495,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (bare names resolve against configs/) and apply `key=value` overrides."""
     path = resolve_config_path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty (a config lists its sections; see configs/pup_ade20k.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     extra = parse_overrides(overrides)

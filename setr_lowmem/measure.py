@@ -228,6 +228,14 @@ def measure(cfg: Config, label: str = "", steps: int = 5, device: torch.device |
     return out
 
 
+_CAPS: dict[str, float | None] = {}  # device -> the cap this process set on it (None: none)
+
+
+def memory_cap(device: torch.device) -> float | None:
+    """The cap `set_memory_cap` last set on `device` (None: uncapped)."""
+    return _CAPS.get(str(device))
+
+
 def set_memory_cap(cap_gib: float | None, device: torch.device) -> None:
     """Emulate a smaller card: cap the caching allocator of this process at `cap_gib` (None lifts the cap).
 
@@ -238,6 +246,6 @@ def set_memory_cap(cap_gib: float | None, device: torch.device) -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = 1.0 if cap_gib is None else min(1.0, cap_gib * GIB / total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
+    _CAPS[str(device)] = cap_gib
     if cap_gib is not None:
         log.info("allocator capped at %.1f GiB of %.1f GiB", cap_gib, total / GIB)
-

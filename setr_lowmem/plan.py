@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from setr_lowmem.config import Config, ConfigError, load_config, with_overrides
-from setr_lowmem.measure import Measurement, measure, set_memory_cap
+from setr_lowmem.measure import Measurement, measure, memory_cap, set_memory_cap
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,13 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
                               if total % b == 0 and (max_micro_batch is None or b <= max_micro_batch)]
     tried: list[tuple[Plan, Measurement]] = []
     best: tuple[float, Plan] | None = None
-    set_memory_cap(budget_gib, device)  # a candidate over the budget fails fast instead of using the whole card
+    before = memory_cap(device)  # the user's own cap (train.py --cap-gib, targets.py --cap-gib) comes back after
+    cap = budget_gib if before is None else min(budget_gib, before)
+    set_memory_cap(cap, device)  # a candidate over the budget fails fast instead of using the whole card
     try:
         _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, technique_sets(cfg, cuda, offload, policies))
     finally:
-        set_memory_cap(None, device)
+        set_memory_cap(before, device)
     for plan, m in tried:
         if m.fits and (best is None or m.img_s > best[0]):
             best = (m.img_s, plan)
@@ -135,7 +137,7 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     from setr_lowmem.cli import prepare_environment, run_main
 
     prepare_environment()

@@ -54,22 +54,22 @@ def weights(run_dir):
 
 def test_nan_loss_skips_the_step_and_is_counted(tmp_path, monkeypatch):
     clean = train_mod.train(config(tmp_path / "clean"))
-    calls = inject(monkeypatch, {5})  # iteration 2, second micro-batch
+    calls = inject(monkeypatch, {5})  # iteration 3 (counted from 1, as the log lines), second micro-batch
     faulty = train_mod.train(config(tmp_path / "faulty"))
     assert faulty["skipped"] == 1 and faulty["iteration"] == 8 and clean["skipped"] == 0
     # 8 iterations x 2 micro-batches, minus nothing: a skipped iteration still consumes its data
     assert calls["n"] == 16
     assert len(faulty["losses"]) == 7 and all(torch.isfinite(torch.tensor(faulty["losses"])))
     log = (tmp_path / "faulty" / "train.log").read_text()
-    assert "iteration 2: non-finite loss, step skipped (1 skipped in all, 1 in a row)" in log
+    assert "iteration 3: non-finite loss or gradients, step skipped (1 skipped in all, 1 in a row)" in log
     a, b = weights(tmp_path / "clean"), weights(tmp_path / "faulty")
     assert all(torch.isfinite(v).all() for v in b.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)  # one update fewer
 
 
 def test_consecutive_nan_losses_stop_without_a_checkpoint(tmp_path, monkeypatch):
-    inject(monkeypatch, set(range(6, 100)))  # from iteration 3 on
-    with pytest.raises(train_mod.NonFiniteLossError, match="3 consecutive non-finite losses at iteration 5"):
+    inject(monkeypatch, set(range(6, 100)))  # from iteration 4 on
+    with pytest.raises(train_mod.NonFiniteLossError, match="3 consecutive non-finite losses at iteration 6"):
         train_mod.train(config(tmp_path / "run", ckpt_every=2))
     # the checkpoint of iteration 2 was written before the fault; none after it
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["iter_0000002"]
@@ -80,5 +80,5 @@ def test_out_of_memory_reports_peak_and_what_to_change(tmp_path, monkeypatch):
     with pytest.raises(train_mod.OutOfMemory) as err:
         train_mod.train(config(tmp_path / "run"))
     msg = str(err.value)
-    assert "\n" not in msg and "CUDA out of memory at iteration 1" in msg
+    assert "\n" not in msg and "CUDA out of memory at iteration 2" in msg
     assert "lower train.micro_batch" in msg and "memory.checkpointing=full" in msg and "Tried to allocate 2.00 GiB" in msg

@@ -14,6 +14,7 @@ B, split into micro-batches: micro-step k of process r takes block k * world + r
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -91,7 +92,14 @@ def build_train_loader(cfg: Config, start_iter: int = 0, rank: int = 0, world: i
     return DataLoader(stream, batch_size=cfg.train.micro_batch, sampler=sampler,
                       num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.data.num_workers > 0, drop_last=False,
-                      prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+                      prefetch_factor=4 if cfg.data.num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: SIGTERM and SIGINT sent to the whole process group (Slurm, Kubernetes,
+    `timeout`, Ctrl-C) are for the main process, which saves a checkpoint and then ends the workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EvalSet(Dataset):

@@ -3,13 +3,17 @@
 A checkpoint is a directory `<run>/checkpoints/iter_0001000/` written by
 `accelerator.save_state` (model, optimizer including 8-bit states or DeepSpeed's ZeRO
 partitions, the lr schedule, the train state with the data position, and every RNG),
-plus `config.yaml` and `meta.json`. It is first written under `.tmp-iter_...` and renamed
-into place only when complete, so a crash or a kill during a save never damages the last
-good checkpoint; `--resume auto` only ever sees complete ones.
+plus `config.yaml`, `meta.json` and, last, `manifest.json` (every file's size and SHA-256).
+It is first written under `.tmp-iter_...` and renamed into place only when complete, so a
+crash or a kill during a save never damages the last good checkpoint. Before a checkpoint is
+used (resume, evaluation, export) its files are checked against the manifest: `--resume auto`
+takes the newest intact one and says which it skipped and why. A checkpoint is never written
+with non-finite weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from setr_lowmem.config import Config, config_to_dict, diff_configs, may_change_on_resume, save_config
 from setr_lowmem.errors import SetrError
 from setr_lowmem.memory.checkpointing import WRAPPER
+from setr_lowmem.model.encoder import shape_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +42,99 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+MANIFEST = "manifest.json"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (renamed into place), oldest first; not yet checked for damage."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if NAME.match(p.name) and (p / "meta.json").is_file()]
+    found = [p for p in root.iterdir() if NAME.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def damage(path: Path) -> str:
+    """'' if checkpoint `path` is complete and intact, else what is wrong with it (one phrase)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (not a checkpoint of this toolkit, or its save was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for rel, info in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != info["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, not {info['size']}"
+        if _sha256(f) != info["sha256"]:
+            return f"{rel} is corrupt (its checksum differs from the manifest's)"
+    return ""
+
+
+def intact(path: Path) -> Path:
+    """`path` if it is an intact checkpoint, else a one-line CheckpointError saying what is wrong."""
+    problem = damage(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    return Path(path)
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter (under ZeRO-3, this process's partition of it) and every floating buffer
+    (BatchNorm's running statistics) is finite."""
+    tensors = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    tensors += [b for b in module.buffers() if b.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def save_checkpoint(accelerator, run_dir: Path, iteration: int, cfg: Config, meta: dict, keep_last: int) -> Path:
-    """Write the checkpoint of `iteration` atomically (all processes call this)."""
+    """Write the checkpoint of `iteration` atomically (all processes call this). A write that fails
+    (a full or read-only disk) removes its partial files and leaves the previous checkpoint as it was."""
     root = checkpoint_dir(run_dir)
     final = root / f"iter_{iteration:07d}"
     tmp = root / f".tmp-{final.name}"
     start = time.time()
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_config(cfg, tmp / "config.yaml")
+            (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "time": time.time(), **meta},
+                                                      indent=1))
+            write_manifest(tmp)
+            if final.exists():  # the same iteration saved again (a resumed run stopped at once)
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        previous = list_checkpoints(run_dir)
+        raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}; "
+                              + (f"the newest complete one is {previous[-1].name}" if previous
+                                 else "no checkpoint was written yet")) from None
     if accelerator.is_main_process:
-        save_config(cfg, tmp / "config.yaml")
-        (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "time": time.time(), **meta}, indent=1))
-        if final.exists():  # the same iteration saved again (a resumed run stopped at once)
-            shutil.rmtree(final)
-        tmp.rename(final)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("saved checkpoint %s in %.1f s", final, time.time() - start)
@@ -80,16 +151,19 @@ def clean_partial(run_dir: Path) -> None:
 
 
 def find_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """'auto' -> newest complete checkpoint of the run (or None); a path -> that checkpoint."""
+    """'auto' -> the newest intact checkpoint of the run (damaged ones are skipped, saying why), or
+    None; a path -> that checkpoint, which must be intact."""
     if not resume:
         return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"not a complete checkpoint directory: {path} (no meta.json)")
-    return path
+    if resume != "auto":
+        return intact(Path(resume))
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = damage(path)
+        if not problem:
+            return path
+        log.warning("--resume auto: skipping checkpoint %s: %s", path, problem)
+    log.warning("--resume auto: no intact checkpoint in %s: starting from iteration 0", checkpoint_dir(run_dir))
+    return None
 
 
 def check_compatible(path: Path, cfg: Config) -> None:
@@ -108,24 +182,38 @@ def strip_prefixes(sd: dict[str, torch.Tensor], prefix: str = "model.") -> dict[
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The model's fp32 state dict from a checkpoint directory, including ZeRO ones."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        sd = load_file(str(path / "model.safetensors"))
-    elif (path / "pytorch_model.bin").is_file():
-        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    elif (path / "pytorch_model").is_dir():  # DeepSpeed: accelerate saves the engine under this tag
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The model's fp32 state dict from an intact checkpoint directory, including ZeRO ones."""
+    path = intact(path)
+    try:
+        if (path / "model.safetensors").is_file():
+            sd = load_file(str(path / "model.safetensors"))
+        elif (path / "pytorch_model.bin").is_file():
+            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        elif (path / "pytorch_model").is_dir():  # DeepSpeed: accelerate saves the engine under this tag
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
-    else:
-        raise CheckpointError(f"no model weights in {path} (expected model.safetensors or a DeepSpeed checkpoint)")
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
+        else:
+            raise CheckpointError(f"no model weights in {path} (expected model.safetensors or a DeepSpeed checkpoint)")
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure is one line naming the checkpoint
+        raise CheckpointError(f"cannot read the weights of {path}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(sd).items()}
 
 
+def _non_finite(sd: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def export_fp32(path: Path, out: Path) -> Path:
-    """Write the consolidated fp32 model of checkpoint `path` as one safetensors file."""
+    """Write the consolidated fp32 model of checkpoint `path` as one safetensors file (never one with
+    non-finite weights)."""
     sd = {k: v.contiguous() for k, v in consolidated_state_dict(path).items()}
+    bad = _non_finite(sd)
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): not exported")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -135,14 +223,21 @@ def export_fp32(path: Path, out: Path) -> Path:
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load an exported .safetensors file or a checkpoint directory into `model` (strict)."""
+    """Load an exported .safetensors file or a checkpoint directory into `model` (strict, shapes checked)."""
     path = Path(path)
     if path.is_dir():
         sd = consolidated_state_dict(path)
     elif path.is_file():
-        sd = strip_prefixes(load_file(str(path)))
+        try:
+            sd = strip_prefixes(load_file(str(path)))
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file is one line
+            raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     else:
         raise CheckpointError(f"checkpoint not found: {path}")
+    mismatch = shape_mismatch(sd, model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"{path} does not fit this model: {mismatch} (check --cfg: model.decoder, "
+                              "data.num_classes, data.crop)")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:

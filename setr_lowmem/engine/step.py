@@ -175,19 +175,31 @@ class TrainingStep:
                 after_backward()
         return Outcome(total, skipped)
 
-    def finish(self, skipped: bool) -> None:
+    def gradients_finite(self) -> bool:
+        """Whether every gradient is finite on every process (a finite loss can still overflow in backward)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        # one fused norm over every gradient: finite exactly when all of them are (one device sync)
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        flag = torch.isfinite(norm).float().reshape(1).to(self.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes
+
+    def finish(self, skipped: bool) -> bool:
         """The optimizer step (DeepSpeed steps inside its backward), or dropping the gradients of a
-        skipped step; then the lr step, which advances either way."""
-        if not skipped and not self.deepspeed:
-            self.optimizer.step()
+        skipped step or of one whose gradients are not finite; then the lr step, which advances
+        either way. Returns whether the step was skipped."""
+        if not self.deepspeed and not skipped:
+            skipped = not self.gradients_finite()
+            if not skipped:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return skipped
 
     def run(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             after_backward: Callable[[], None] | None = None) -> Outcome:
         """One iteration: `forward_backward` over `accumulation` micro-batches, then `finish`."""
         outcome = self.forward_backward(micro_batches, after_backward)
-        self.finish(outcome.skipped)
+        outcome.skipped = self.finish(outcome.skipped)
         return outcome
 
 

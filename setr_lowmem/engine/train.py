@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 
 from setr_lowmem.config import Config, config_to_dict, save_config
@@ -23,6 +25,7 @@ from setr_lowmem.data.loader import build_train_loader, stream_state
 from setr_lowmem.data.sources import Source, open_source
 from setr_lowmem.engine import checkpoint as ckpt
 from setr_lowmem.engine.evaluate import evaluate
+from setr_lowmem.engine.rundir import RunLock, writable_dir
 from setr_lowmem.engine.step import TrainingStep, make_accelerator, prepare_step
 from setr_lowmem.errors import SetrError
 from setr_lowmem.profiler import MemoryMeter, fit_line
@@ -36,6 +39,10 @@ class NonFiniteLossError(SetrError):
 
 class OutOfMemory(SetrError):
     """A CUDA out-of-memory error, with the peak measured and what to change."""
+
+
+class NonFiniteWeightsError(SetrError):
+    """Weights that are not finite: no checkpoint or export is written from them."""
 
 
 @dataclass
@@ -62,6 +69,8 @@ class Run:
     step: TrainingStep
     state: TrainState
     source: Source
+    val_source: Source
+    lock: RunLock | None
     batches: object  # iterator of (images, labels) micro-batches
     meter: MemoryMeter
     stop_at: int
@@ -71,6 +80,7 @@ class Run:
     window: list[float] = field(default_factory=list)  # losses since the last log line
     last_loss: float = float("nan")
     summary: dict = field(default_factory=dict)
+    val_error: str = ""  # the last validation's failure, if it failed
 
     @property
     def run_dir(self) -> Path:
@@ -123,24 +133,40 @@ class _Signals:
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict:
     """Train per `cfg`; returns a summary (iteration, losses, skipped steps, peaks, mIoU)."""
     run = open_run(cfg, resume, stop_after)
-    with _Signals() as signals:
+    with _Signals() as signals, _closing(run.progress):
         while run.state.iteration < run.stop_at and signals.stop is None:
             skipped = iterate(run)
             if not skipped:
                 run.window.append(run.last_loss)
             run.progress(1, loss=run.last_loss, lr=min(_lrs(run).values()), mem=run.meter.short())
             log_if_due(run)
-            validate_if_due(run)
-            # a checkpoint is written only after a good step: never in the middle of a run of non-finite losses
-            if not skipped and checkpoint_due(run, signals.stop):
+            # checkpoint first: a validation that fails must not take the training with it. A checkpoint
+            # follows a good step (never inside a run of non-finite losses), and always ends the schedule.
+            if checkpoint_due(run, signals.stop) and (not skipped or run.state.iteration == run.cfg.schedule.iters):
                 save(run)
+            validate_if_due(run)
     return close_run(run, signals.stop)
+
+
+@contextlib.contextmanager
+def _closing(progress):
+    """The progress bar ends its line however the loop ends, so an error prints on a line of its own."""
+    try:
+        yield
+    finally:
+        progress.close()
 
 
 def open_run(cfg: Config, resume: str | None, stop_after: int | None) -> Run:
     """Settle what to resume from, then build everything a session needs, in an order that fails early:
-    the resume point and the run directory first, the data before the model."""
+    the resume point and the run directory first, both data splits before the model."""
     run_dir = cfg.run_dir
+    accelerator = make_accelerator(cfg, run_dir, trackers=True)
+    lock = None
+    if accelerator.is_main_process:
+        writable_dir(run_dir, "train.out_dir")
+        lock = RunLock(run_dir).acquire()  # before anything in the directory is read, written or cleaned
+    setup_logging(run_dir, accelerator.is_main_process)
     start = ckpt.find_resume(run_dir, resume)
     existing = ckpt.list_checkpoints(run_dir)
     if start is None and existing and resume != "auto":
@@ -149,30 +175,43 @@ def open_run(cfg: Config, resume: str | None, stop_after: int | None) -> Run:
             "or set train.out_dir to a new directory")
     if start is not None:
         ckpt.check_compatible(start, cfg)
-    accelerator = make_accelerator(cfg, run_dir, trackers=True)
-    setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         ckpt.clean_partial(run_dir)
     world = accelerator.num_processes
     log.info("run %s: %d process(es) on %s, micro-batch %d x accumulation %d x %d = batch %d", run_dir, world,
              accelerator.device, cfg.train.micro_batch, cfg.train.accumulation(world), world, cfg.train.total_batch)
-    source = open_source(cfg.data, cfg.data.train_split)  # before minutes of model building and downloads
+    # the data first: a missing split fails before minutes of model building, downloads and training
+    source = open_source(cfg.data, cfg.data.train_split)
+    val_source = open_source(cfg.data, cfg.data.val_split)
     step = prepare_step(cfg, accelerator)
     state = TrainState()
     accelerator.register_for_checkpointing(step.scheduler, state)
     if start is not None:
-        accelerator.load_state(str(start))
-        log.info("resumed from %s at iteration %d", start, state.iteration)
+        _resume(accelerator, start, cfg, state)
     accelerator.init_trackers("tb", config=_flat(config_to_dict(cfg)))
     loader = build_train_loader(cfg, state.iteration, accelerator.process_index, world, source)
     meter = MemoryMeter(accelerator.device)
     meter.reset()
     stop_at = cfg.schedule.iters if stop_after is None else min(cfg.schedule.iters, state.iteration + stop_after)
-    return Run(cfg, accelerator, step, state, source, iter(loader), meter, stop_at,
+    return Run(cfg, accelerator, step, state, source, val_source, lock, iter(loader), meter, stop_at,
                _progress(accelerator, cfg, state.iteration), start=state.iteration,
                summary={"start_iteration": state.iteration, "losses": [], "skipped": state.skipped})
+
+
+def _resume(accelerator: Accelerator, start: Path, cfg: Config, state: TrainState) -> None:
+    try:
+        accelerator.load_state(str(start))
+    except Exception as err:  # noqa: BLE001 - a checkpoint that passed its manifest but does not load
+        raise ckpt.CheckpointError(f"cannot resume from {start}: {type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    log.info("resumed from %s at iteration %d", start, state.iteration)
+    saved = yaml.safe_load((start / "config.yaml").read_text())["train"]["micro_batch"]
+    if saved != cfg.train.micro_batch:
+        log.warning("train.micro_batch is %d, the checkpoint was trained with %d: the effective batch is kept "
+                    "(accumulation %d), but BatchNorm now sees batches of %d, so its statistics change",
+                    cfg.train.micro_batch, saved, cfg.train.accumulation(accelerator.num_processes),
+                    cfg.train.micro_batch)
 
 
 def iterate(run: Run) -> bool:
@@ -184,7 +223,7 @@ def iterate(run: Run) -> bool:
     except torch.OutOfMemoryError as err:
         peaks = run.meter.peaks()
         raise OutOfMemory(
-            f"CUDA out of memory at iteration {it} (peak {peaks.allocated:.1f} GiB allocated, "
+            f"CUDA out of memory at iteration {it + 1} (peak {peaks.allocated:.1f} GiB allocated, "
             f"{peaks.reserved:.1f} GiB reserved): lower train.micro_batch (accumulation keeps the batch), "
             "set memory.checkpointing=full, memory.precision=bf16, optim.bits=8, or "
             "memory.deepspeed.stage=2 with offload_optimizer; `python -m setr_lowmem.plan` picks a plan "
@@ -194,12 +233,13 @@ def iterate(run: Run) -> bool:
     if outcome.skipped:
         state.skipped += 1
         state.bad_streak += 1
-        log.warning("iteration %d: non-finite loss, step skipped (%d skipped in all, %d in a row)",
-                    it, state.skipped, state.bad_streak)
+        log.warning("iteration %d: non-finite loss or gradients, step skipped (%d skipped in all, %d in a row)",
+                    state.iteration, state.skipped, state.bad_streak)
         if state.bad_streak >= run.cfg.train.max_bad_steps:
+            newest = ckpt.list_checkpoints(run.run_dir)
             raise NonFiniteLossError(
-                f"{state.bad_streak} consecutive non-finite losses at iteration {it}: stopping without "
-                "a checkpoint; lower optim.lr or resume from the last good checkpoint")
+                f"{state.bad_streak} consecutive non-finite losses at iteration {state.iteration}: stopping without "
+                "a checkpoint; lower optim.lr" + (f", or resume from {newest[-1].name}" if newest else ""))
         return True
     state.bad_streak = 0
     run.last_loss = run.accelerator.reduce(outcome.loss, reduction="mean").item()
@@ -239,9 +279,19 @@ def log_if_due(run: Run) -> None:
 
 
 def validate_if_due(run: Run) -> None:
+    """Validate when due. A validation that fails (a corrupt image, a full disk) is reported, and the
+    training goes on: its checkpoint is already written."""
     it, every = run.state.iteration, run.cfg.train.val_every
-    if (every and it % every == 0) or it == run.cfg.schedule.iters:
+    if not ((every and it % every == 0) or it == run.cfg.schedule.iters):
+        return
+    try:
         run.summary["val"] = _validate(run)
+        run.val_error = ""
+    except (SetrError, OSError) as err:
+        run.val_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+        run.summary.pop("val", None)
+        log.error("iteration %d: validation failed, training goes on: %s", it, run.val_error)
+        write_metrics(run, {"iteration": it, "val_error": run.val_error})
 
 
 def checkpoint_due(run: Run, signal_name: str | None) -> bool:
@@ -250,24 +300,34 @@ def checkpoint_due(run: Run, signal_name: str | None) -> bool:
 
 
 def save(run: Run) -> None:
+    """The checkpoint of this iteration, if the weights are finite on every process; else the run stops."""
+    accelerator, it = run.accelerator, run.state.iteration
+    finite = torch.tensor([float(ckpt.weights_finite(run.step.module))], device=accelerator.device)
+    if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
+        newest = ckpt.list_checkpoints(run.run_dir)
+        raise NonFiniteWeightsError(
+            f"the weights are not finite at iteration {it}: no checkpoint written, nothing exported; lower optim.lr"
+            + (f" and resume from {newest[-1].name}" if newest else ""))
     cfg = run.cfg
-    data = stream_state(run.state.iteration, cfg.train.total_batch, cfg.train.seed, len(run.source))
-    ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.iteration, cfg,
-                         {"loss": run.last_loss, "data": data}, cfg.train.keep_last)
+    data = stream_state(it, cfg.train.total_batch, cfg.train.seed, len(run.source))
+    ckpt.save_checkpoint(accelerator, run.run_dir, it, cfg, {"loss": run.last_loss, "data": data},
+                         cfg.train.keep_last)
 
 
 def close_run(run: Run, stopped_by: str | None) -> dict:
     """Export the final model when the schedule is done, report the memory peaks, end the trackers."""
-    run.progress.close()
     if run.state.iteration == run.cfg.schedule.iters and run.accelerator.is_main_process:
-        out = ckpt.export_fp32(ckpt.list_checkpoints(run.run_dir)[-1], run.run_dir / "model.safetensors")
+        final = ckpt.checkpoint_dir(run.run_dir) / f"iter_{run.state.iteration:07d}"  # written by the loop
+        out = ckpt.export_fp32(final, run.run_dir / "model.safetensors")
         log.info("exported the fp32 model to %s", out)
     run.accelerator.wait_for_everyone()
     peaks = run.meter.peaks()
     log.info(fit_line(peaks, cuda=run.accelerator.device.type == "cuda"))
     run.accelerator.end_training()
     run.summary.update(iteration=run.state.iteration, skipped=run.state.skipped, peaks=peaks.as_dict(),
-                       stopped_by=stopped_by, run_dir=str(run.run_dir))
+                       stopped_by=stopped_by, run_dir=str(run.run_dir), val_error=run.val_error)
+    if run.lock is not None:
+        run.lock.release()
     return run.summary
 
 
@@ -275,7 +335,8 @@ def _validate(run: Run) -> dict:
     accelerator, it = run.accelerator, run.state.iteration
     start = time.time()
     model = accelerator.unwrap_model(run.step.module).model
-    metrics = evaluate(model, run.cfg, accelerator.device, max_images=run.cfg.train.val_max_images,
+    metrics = evaluate(model, run.cfg, accelerator.device, source=run.val_source,
+                       max_images=run.cfg.train.val_max_images,
                        rank=accelerator.process_index, world=accelerator.num_processes,
                        reduce=lambda t: accelerator.reduce(t, reduction="sum") if accelerator.num_processes > 1 else t,
                        autocast=run.step.autocast)

@@ -1,0 +1,67 @@
+"""The run directory: one run at a time, and writable before any work is done.
+
+A run holds an exclusive `flock` on `<run>/.lock` for as long as it lives (the kernel releases it
+when the process ends, however it ends), so a second run into the same `train.out_dir` stops at
+once with one line naming the holder, instead of mixing its checkpoints and `config.yaml` into
+the first one's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from setr_lowmem.errors import SetrError
+
+
+class RunDirError(SetrError):
+    """The run directory is held by another run, or cannot be written."""
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create `path` if needed and check that a file can be written in it: one line if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except FileExistsError:
+        raise RunDirError(f"{what} {path} is a file, not a directory") from None
+    except OSError as err:
+        raise RunDirError(f"cannot write to {what} {path}: {err.strerror or err}") from None
+    return path
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held until `release()` or the end of the process."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def acquire(self) -> RunLock:
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RunDirError(f"{self.path.parent} is in use by another run ({holder}): wait for it to end, "
+                              "or set train.out_dir to another directory") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None

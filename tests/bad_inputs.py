@@ -1,0 +1,292 @@
+"""Bad inputs and what the user reads for each: one line `error: ...`, never a traceback.
+
+Each case runs a real launcher (`launch/*.py`) in this process, as `python launch/<x>.py ...`
+would: `tests/test_bad_inputs.py` checks every case, and
+
+    python tests/bad_inputs.py          # prints the README's table from what the launchers say
+
+regenerates the table in README.md from the same cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY = ["schedule.iters=2", "train.total_batch=2", "train.micro_batch=2", "data.synthetic.num_train=8",
+        "data.synthetic.num_val=2"]
+
+
+@dataclass
+class Case:
+    what: str  # the bad input, in the user's words (the README's first column)
+    launcher: str  # train, evaluate, predict, export or plan
+    args: list[str]  # `{tmp}` is a fresh directory, `{trained}` a finished tiny run
+    expect: str  # a fragment of the one error line
+    setup: Callable[[Path], None] | None = None
+    env: dict = field(default_factory=dict)
+
+
+def _write(rel: str, text: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(text)
+    return setup
+
+
+def _ade(corrupt: str = "", unmatched: bool = False, label_value: int | None = None) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        from tests.fixtures import make_ade
+
+        root = make_ade(tmp, n=3)
+        if corrupt:
+            (root / corrupt).write_bytes(b"\xff\xd8 this is not a jpeg")
+        if unmatched:
+            (root / "annotations/training/ADE_train_00000001.png").unlink()
+        if label_value is not None:
+            import numpy as np
+            from PIL import Image
+
+            Image.fromarray(np.full((24, 40), label_value, np.uint8)).save(
+                root / "annotations/training/ADE_train_00000000.png")
+    return setup
+
+
+def _copy_trained(damage: Callable[[Path], None] | None = None) -> Callable[[Path], None]:
+    """A copy of the trained run under {tmp}/run, optionally damaged."""
+    def setup(tmp: Path) -> None:
+        shutil.copytree(TRAINED, tmp / "run")
+        if damage:
+            damage(tmp / "run")
+    return setup
+
+
+def _newest(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("iter_*"))[-1]
+
+
+def _truncate(rel: str) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        f = _newest(run) / rel
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return damage
+
+
+def _hold_lock(tmp: Path) -> None:
+    from setr_lowmem.engine.rundir import RunLock
+
+    (tmp / "busy").mkdir()
+    HELD.append(RunLock(tmp / "busy").acquire())
+
+
+HELD: list = []
+TRAINED: Path = Path()  # set by `prepare_trained`
+
+CASES = [
+    # ---- the config file and overrides
+    Case("misspelled key", "train", ["--cfg", "test_tiny", "model.decoderr=pup"], "unknown key model.decoderr"),
+    Case("string where a number belongs", "train", ["--cfg", "test_tiny", "optim.lr=fast"],
+         "optim.lr: Input should be a valid number, got 'fast'"),
+    Case("unknown decoder", "train", ["--cfg", "test_tiny", "model.decoder=pupp"],
+         "model.decoder: Input should be 'naive', 'pup' or 'mla', got 'pupp'"),
+    Case("crop not divisible by 16", "train", ["--cfg", "test_tiny", "data.crop=500"],
+         "data.crop 500 is not divisible by model.patch_size 16"),
+    Case("zero classes", "train", ["--cfg", "test_tiny", "data.num_classes=0"], "num_classes must be positive"),
+    Case("batch not a multiple of the micro-batch", "train", ["--cfg", "test_tiny", "train.micro_batch=3"],
+         "is not a multiple of micro_batch 3"),
+    Case("NaN learning rate", "train", ["--cfg", "test_tiny", "optim.lr=.nan"], "optim.lr: Input should be a finite number"),
+    Case("infinite learning rate", "train", ["--cfg", "test_tiny", "optim.lr=.inf"], "Input should be a finite number"),
+    Case("learning rate that overflows float32 with the head's x10", "train", ["--cfg", "test_tiny", "optim.lr=1e38"],
+         "overflows float32"),
+    Case("negative learning rate", "train", ["--cfg", "test_tiny", "optim.lr=-0.1"], "lr must be positive"),
+    Case("zero std (division by zero)", "train", ["--cfg", "test_tiny", "data.std=[0,0,0]"],
+         "std [0.0, 0.0, 0.0] must be positive"),
+    Case("encoder tap outside the encoder", "train", ["--cfg", "test_tiny", "model.out_indices=[0,1,2,30]"],
+         "out_indices [2, 30] outside the encoder's blocks 0..1"),
+    Case("4-bit optimizer states", "train", ["--cfg", "test_tiny", "optim.bits=4"], "optim.bits: Input should be 32 or 8"),
+    Case("parameter offload without ZeRO-3", "train",
+         ["--cfg", "test_tiny", "memory.deepspeed.stage=2", "memory.deepspeed.offload_params=true"],
+         "offload_params needs ZeRO stage 3"),
+    Case("channels-last with DeepSpeed", "train",
+         ["--cfg", "test_tiny", "memory.channels_last=true", "memory.deepspeed.stage=2"],
+         "channels_last cannot be used with DeepSpeed"),
+    Case("bf16 weights without DeepSpeed", "train", ["--cfg", "test_tiny", "memory.precision=bf16_weights"],
+         "bf16_weights needs DeepSpeed"),
+    Case("override without '='", "train", ["--cfg", "test_tiny", "optim.lr"], "is not of the form key.sub=value"),
+    Case("config file not found", "train", ["--cfg", "nosuch.yaml"], "config file not found: nosuch.yaml"),
+    Case("empty config file", "train", ["--cfg", "{tmp}/empty.yaml"], "the file is empty", _write("empty.yaml", "")),
+    Case("config file that is not YAML", "train", ["--cfg", "{tmp}/bad.yaml"], "not valid YAML",
+         _write("bad.yaml", "model: [1, 2\n")),
+    Case("config file that is a list", "train", ["--cfg", "{tmp}/list.yaml"], "expected a mapping of sections",
+         _write("list.yaml", "- 1\n- 2\n")),
+    # ---- the launcher's own options
+    Case("--stop-after 0", "train", ["--cfg", "test_tiny", "--stop-after", "0"],
+         "--stop-after must be a positive number of iterations, got 0"),
+    Case("--stop-after -3", "train", ["--cfg", "test_tiny", "--stop-after", "-3"], "got -3"),
+    Case("--cap-gib without a GPU", "train", ["--cfg", "test_tiny", "--cap-gib", "24"], "--cap-gib needs a GPU"),
+    Case("--resume with a directory that is not a checkpoint", "train",
+         ["--cfg", "test_tiny", "--resume", "{tmp}", "train.out_dir={tmp}/run", *TINY],
+         "cannot be used: no manifest.json"),
+    # ---- the run directory
+    Case("train.out_dir is a file", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/file", *TINY],
+         "train.out_dir {tmp}/file is a file, not a directory", _write("file", "x")),
+    Case("train.out_dir cannot be created", "train", ["--cfg", "test_tiny", "train.out_dir=/proc/setr-run", *TINY],
+         "cannot write to train.out_dir /proc/setr-run"),
+    Case("a second run into a directory in use", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/busy", *TINY],
+         "is in use by another run (pid", _hold_lock),
+    Case("a fresh run into a directory with checkpoints", "train",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", *TINY], "already holds checkpoints", _copy_trained()),
+    Case("resume with a config that changes what is trained", "train",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--resume", "auto", *TINY, "optim.lr=0.02"],
+         "the config differs in what is trained: optim.lr: 0.01 -> 0.02", _copy_trained()),
+    # ---- data
+    Case("dataset root missing", "train", ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/nowhere"],
+         "nowhere"),
+    Case("images without labels", "train",
+         ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=150",
+          *TINY], "ADE_train_00000001", _ade(unmatched=True)),
+    Case("validation split missing", "train", ["--cfg", "test_tiny", "data.val_split=holdout", *TINY],
+         "not 'holdout'"),
+    Case("corrupt training image, read by a DataLoader worker", "train",
+         ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=150",
+          "data.num_workers=2", "train.out_dir={tmp}/run", *TINY],
+         "cannot read image", _ade(corrupt="images/training/ADE_train_00000000.jpg")),
+    Case("label value beyond the classes", "train",
+         ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=5",
+          "train.out_dir={tmp}/run", *TINY], "outside 0..4", _ade()),
+    # ---- weights
+    Case("pretrained weights file missing", "train", ["--cfg", "test_tiny", "model.pretrained={tmp}/vit.pth", *TINY],
+         "weights file not found"),
+    Case("pretrained weights file that is not a checkpoint", "train",
+         ["--cfg", "test_tiny", "model.pretrained={tmp}/vit.pth", *TINY], "cannot read weights file",
+         _write("vit.pth", "not a checkpoint")),
+    Case("timm weights that cannot be downloaded", "train",
+         ["--cfg", "test_tiny", "model.pretrained=timm:no_such_vit", *TINY], "cannot get timm weights 'no_such_vit'"),
+    # ---- evaluate, predict, export
+    Case("evaluate: checkpoint not found", "evaluate", ["--cfg", "test_tiny", "--checkpoint", "{tmp}/none.safetensors"],
+         "checkpoint not found"),
+    Case("evaluate: a config of another shape", "evaluate",
+         ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "data.num_classes=5"],
+         "does not fit this model: shape mismatch"),
+    Case("evaluate: a file that is not a model", "evaluate",
+         ["--cfg", "test_tiny", "--checkpoint", "{tmp}/junk.safetensors"], "cannot read",
+         _write("junk.safetensors", "junk")),
+    Case("evaluate: a checkpoint with a truncated weights file", "evaluate",
+         ["--cfg", "test_tiny", "--checkpoint", "{tmp}/run/checkpoints/iter_0000002"],
+         "model.safetensors has", _copy_trained(_truncate("model.safetensors"))),
+    Case("evaluate: --out is a directory", "evaluate",
+         ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--out", "{tmp}"], "is a directory"),
+    Case("predict: input folder missing", "predict",
+         ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/none", "--out",
+          "{tmp}/out"], "input folder not found"),
+    Case("predict: no images in the folder", "predict",
+         ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}", "--out",
+          "{tmp}/out"], "no images"),
+    Case("predict: a corrupt image", "predict",
+         ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/in", "--out",
+          "{tmp}/out"], "cannot read image", _write("in/a.png", "not a png")),
+    Case("export: a checkpoint whose config file was deleted", "export",
+         ["{tmp}/run/checkpoints/iter_0000002", "{tmp}/m.safetensors"], "config.yaml is missing",
+         _copy_trained(lambda run: (_newest(run) / "config.yaml").unlink())),
+    Case("export: a checkpoint directory that does not exist", "export", ["{tmp}/none", "{tmp}/m.safetensors"],
+         "checkpoint directory not found"),
+]
+
+
+def prepare_trained(where: Path) -> Path:
+    """A finished 2-iteration tiny run (its checkpoints and `model.safetensors`), for the cases that need one."""
+    global TRAINED
+    run = where / "trained"
+    if not (run / "model.safetensors").is_file():
+        code, _, err = run_launcher("train", ["--cfg", "test_tiny", f"train.out_dir={run}", *TINY])
+        assert code == 0, err
+    TRAINED = run
+    return run
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_launcher(name: str, args: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python launch/<name>.py <args>`, run in this process."""
+    from setr_lowmem.cli import run_main
+    from setr_lowmem.engine.step import reset_accelerate
+
+    module = _load(name)
+    reset_accelerate()
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, [f"launch/{name}.py", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_main(module.main)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        reset_accelerate()
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_case(case: Case, tmp: Path) -> tuple[int, str]:
+    """(exit code, the error line) of `case`, run in a fresh directory `tmp`."""
+    if case.setup:
+        case.setup(tmp)
+    args = [a.replace("{tmp}", str(tmp)).replace("{trained}", str(TRAINED)) for a in case.args]
+    old = {k: os.environ.get(k) for k in case.env}
+    os.environ.update(case.env)
+    try:
+        code, _, err = run_launcher(case.launcher, args)
+    finally:
+        while HELD:
+            HELD.pop().release()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    return code, errors[0].replace(str(tmp), "{tmp}").replace(str(TRAINED), "{trained}")
+
+
+def markdown(rows: list[tuple[Case, str]]) -> str:
+    lines = ["| bad input | command | what the user reads |", "|---|---|---|"]
+    for case, line in rows:
+        shown = [a for a in case.args if a not in TINY] + (["..."] if set(TINY) & set(case.args) else [])
+        cmd = f"`{case.launcher} " + " ".join(shown) + "`"
+        line = line.replace(f"{ROOT}/", "")
+        lines.append(f"| {case.what} | {cmd} | `{line.replace('|', '/')}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    base = Path(tempfile.mkdtemp())
+    prepare_trained(base)
+    rows = []
+    for i, case in enumerate(CASES):
+        tmp = base / f"case{i}"
+        tmp.mkdir()
+        rows.append((case, run_case(case, tmp)[1]))
+    print(markdown(rows))
+    print(json.dumps(len(rows)), file=sys.stderr)
