@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from setr_lowmem.config import with_overrides
 from setr_lowmem.data.base import DataError
 from setr_lowmem.engine import checkpoint as ckpt
 from setr_lowmem.engine import train as train_mod
@@ -190,3 +191,35 @@ def test_the_planner_gives_back_the_memory_cap_it_found(monkeypatch):
         assert measure_mod.memory_cap(cuda) == 12
     finally:
         measure_mod._CAPS.clear()
+
+
+def test_an_error_ends_the_dataloader_workers_and_frees_the_run_directory(tmp_path, monkeypatch):
+    """The caller may keep the error (and through its traceback the run) as long as it likes: the
+    persistent workers end with the run anyway, and the next run may take the directory."""
+    import multiprocessing
+
+    from setr_lowmem.engine.rundir import RunLock
+
+    inject(monkeypatch, {3}, RuntimeError("boom"))
+    cfg = with_overrides(config(tmp_path), ["data.num_workers=2"])
+    with pytest.raises(RuntimeError, match="boom") as kept:
+        train_mod.train(cfg)
+    assert kept.traceback  # the frames (and the run) are still referenced here
+    deadline = time.time() + 30
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert multiprocessing.active_children() == []
+    RunLock(tmp_path).acquire().release()
+
+
+def test_a_live_loader_does_not_hang_the_interpreter_exit(tmp_path):
+    """Python ends daemon workers with SIGTERM at exit and then waits for them: a worker that ignored
+    SIGTERM would hang every process that still held a loader at exit (a test run, a notebook)."""
+    script = ("from setr_lowmem.data.loader import build_train_loader\n"
+              "from tests.conftest import tiny_config\n"
+              "cfg = tiny_config('naive', data=dict(num_workers=2))\n"
+              "KEPT = iter(build_train_loader(cfg))\n"
+              "next(KEPT)\n"
+              "print('exiting', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]

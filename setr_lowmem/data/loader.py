@@ -14,7 +14,7 @@ B, split into micro-batches: micro-step k of process r takes block k * world + r
 from __future__ import annotations
 
 import functools
-import signal
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -92,14 +92,15 @@ def build_train_loader(cfg: Config, start_iter: int = 0, rank: int = 0, world: i
     return DataLoader(stream, batch_size=cfg.train.micro_batch, sampler=sampler,
                       num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.data.num_workers > 0, drop_last=False,
-                      prefetch_factor=4 if cfg.data.num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
+                      prefetch_factor=4 if cfg.data.num_workers > 0 else None, worker_init_fn=leave_process_group)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: SIGTERM and SIGINT sent to the whole process group (Slurm, Kubernetes,
-    `timeout`, Ctrl-C) are for the main process, which saves a checkpoint and then ends the workers."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def leave_process_group(worker_id: int) -> None:
+    """In a DataLoader worker: leave the launcher's process group, so that SIGTERM or SIGINT sent to
+    the whole group (Slurm, Kubernetes, `timeout`, Ctrl-C) reaches only the main process, which saves
+    a checkpoint and then ends its workers. Ignoring those signals instead would also ignore the
+    SIGTERM with which PyTorch and multiprocessing end workers, and hang the interpreter's exit."""
+    os.setpgid(0, 0)
 
 
 class EvalSet(Dataset):

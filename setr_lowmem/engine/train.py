@@ -133,7 +133,7 @@ class _Signals:
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict:
     """Train per `cfg`; returns a summary (iteration, losses, skipped steps, peaks, mIoU)."""
     run = open_run(cfg, resume, stop_after)
-    with _Signals() as signals, _closing(run.progress):
+    with _Signals() as signals, _ending(run):
         while run.state.iteration < run.stop_at and signals.stop is None:
             skipped = iterate(run)
             if not skipped:
@@ -145,16 +145,21 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             if checkpoint_due(run, signals.stop) and (not skipped or run.state.iteration == run.cfg.schedule.iters):
                 save(run)
             validate_if_due(run)
-    return close_run(run, signals.stop)
+        return close_run(run, signals.stop)
 
 
 @contextlib.contextmanager
-def _closing(progress):
-    """The progress bar ends its line however the loop ends, so an error prints on a line of its own."""
+def _ending(run: Run):
+    """However the session ends: the progress bar ends its line (so an error prints on a line of its
+    own), the DataLoader workers stop and the run directory's lock is released, even while a caller
+    still holds the error and, through it, this run."""
     try:
         yield
     finally:
-        progress.close()
+        run.progress.close()
+        run.batches = iter(())  # the last reference to the loader's iterator: its workers end now
+        if run.lock is not None:
+            run.lock.release()
 
 
 def open_run(cfg: Config, resume: str | None, stop_after: int | None) -> Run:
@@ -326,8 +331,6 @@ def close_run(run: Run, stopped_by: str | None) -> dict:
     run.accelerator.end_training()
     run.summary.update(iteration=run.state.iteration, skipped=run.state.skipped, peaks=peaks.as_dict(),
                        stopped_by=stopped_by, run_dir=str(run.run_dir), val_error=run.val_error)
-    if run.lock is not None:
-        run.lock.release()
     return run.summary
 
 
