@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,25 @@ def prepare_environment() -> None:
 
     configure_cuda_allocator()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    quiet_known_warnings()
+
+
+class _Drop(logging.Filter):
+    def __init__(self, *texts: str):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(t in record.getMessage() for t in self.texts)
+
+
+def quiet_known_warnings() -> None:
+    """Drop dependency warnings about choices this toolkit makes on purpose, before they print:
+    DeepSpeed calls ZeRO with torch's or bitsandbytes' SGD an "untested optimizer" (the paper's
+    optimizer, allowed with `zero_allow_untested_optimizer`), and bitsandbytes asks on CPUs with
+    AVX512-BF16 for the `kernels` package of a 4-bit CPU matmul that the 8-bit optimizers never use."""
+    logging.getLogger("DeepSpeed").addFilter(_Drop("untested optimizer"))
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("pip install kernels"))
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 
 from setr_lowmem.errors import SetrError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; configs/ at the top links here
 
 # allow_inf_nan=False: every float of a config is finite (a NaN learning rate trains NaN weights)
 _STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, allow_inf_nan=False)
@@ -291,8 +291,10 @@ class MemoryConfig:
     channels_last: bool = lever(False, Lever(9, "channels-last", True), Lever(12, "ZeRO-2 offload", False),
                                 perf=(True, False))
     """Decoder convolution weights in channels-last (NHWC) layout, the layout of the encoder's maps."""
-    compile_convs: bool = lever(False, Lever(10, "compiled convs", True), perf=(True, False))
-    """torch.compile each decoder conv + BatchNorm + ReLU unit (fuses BatchNorm and ReLU)."""
+    compile_convs: bool = lever(False, Lever(10, "compiled convs", True), Lever(12, "ZeRO-2 offload", False),
+                                perf=(True, False))
+    """torch.compile each decoder conv + BatchNorm + ReLU unit (fuses BatchNorm and ReLU). The ZeRO rows
+    of the benchmark leave it off: DeepSpeed's parameter hooks make Dynamo recompile the units."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO through accelerate's plugin."""
 
@@ -322,6 +324,9 @@ class TrainConfig:
     """Run directory; '' means runs/<config name>."""
     log_every: int = resumable(50)
     """Log loss, lr and memory every N iterations."""
+    log_with: Literal["tensorboard", "wandb", "mlflow", "all", "none"] = resumable("tensorboard")
+    """Experiment tracker, through accelerate ('all': every one installed). TensorBoard's events go
+    into the run directory (`tensorboard --logdir runs`); wandb's project is the run directory's name."""
     val_every: int = resumable(16000)
     """Validate every N iterations (0: only at the end)."""
     ckpt_every: int = resumable(16000)

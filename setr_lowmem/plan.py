@@ -7,7 +7,8 @@ A plan is a micro-batch (a divisor of `train.total_batch`; accumulation makes up
 an activation-checkpointing policy, 32- or 8-bit optimizer states, and (on a GPU) ZeRO-2
 with the optimizer offloaded to the CPU. Every candidate is measured with a few real
 training steps (`setr_lowmem.measure`): for each technique set, micro-batches are tried from
-the largest down until one fits, and the fastest plan under the budget wins. The budget is
+the largest down until one fits, and the fastest plan under the budget wins (plans within 5% of
+it count as equally fast, and the one of them with the most memory to spare is chosen). The budget is
 checked against the device-level peak on a GPU (what the card must hold, CUDA context
 included) and against PyTorch's MemTracker peak on a CPU. accelerate's
 `find_executable_batch_size` only halves the batch until it fits; this chooses among
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +89,6 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
     sizes = micro_batches or [b for b in range(total, 0, -1)
                               if total % b == 0 and (max_micro_batch is None or b <= max_micro_batch)]
     tried: list[tuple[Plan, Measurement]] = []
-    best: tuple[float, Plan] | None = None
     before = memory_cap(device)  # the user's own cap (train.py --cap-gib, targets.py --cap-gib) comes back after
     cap = budget_gib if before is None else min(budget_gib, before)
     set_memory_cap(cap, device)  # a candidate over the budget fails fast instead of using the whole card
@@ -95,13 +96,27 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
         _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, technique_sets(cfg, cuda, offload, policies))
     finally:
         set_memory_cap(before, device)
-    for plan, m in tried:
-        if m.fits and (best is None or m.img_s > best[0]):
-            best = (m.img_s, plan)
-    return (best[1] if best else None), tried
+    return pick(tried, cuda), tried
+
+
+TIE = 0.05  # plans within 5% of the fastest are equally fast: machine noise must not choose among them
+
+
+def pick(tried: list[tuple[Plan, Measurement]], cuda: bool) -> Plan | None:
+    """The fastest plan that fits; among those within `TIE` of it, the one with the lowest peak
+    (the most memory to spare), so that a few steps' noise does not decide."""
+    fitting = [(plan, m) for plan, m in tried if m.fits]
+    if not fitting:
+        return None
+    fastest = max(m.img_s for _, m in fitting)
+    ties = [(plan, m) for plan, m in fitting if m.img_s >= (1 - TIE) * fastest]
+    return min(ties, key=lambda t: (peak_of(t[1], cuda), -t[1].img_s))[0]
 
 
 def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidates) -> None:
+    started, most = time.time(), len(candidates) * len(sizes)  # at most: a set stops at its first fit
+    if not cuda and cfg.model.embed_dim >= 768:
+        report(f"  no GPU: each plan runs {steps} steps of the full-size model on the CPU, a minute or more each")
     for policy, bits, offload in candidates:
         for mb in sizes:
             plan = Plan(mb, policy, bits, offload)
@@ -112,8 +127,11 @@ def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidat
                 m.note = m.note or f"peak {peak_of(m, cuda):.2f} GiB over the {budget_gib:g} GiB budget"
             m.fits = fits
             tried.append((plan, m))
+            spent = time.time() - started
+            left = spent / len(tried) * (most - len(tried)) / 60
             report(f"  {plan.describe(cfg):<58} " + (f"peak {peak_of(m, cuda):7.3f} GiB  {m.img_s:7.1f} img/s"
-                                                       if fits else f"does not fit: {m.note}"))
+                                                       if fits else f"does not fit: {m.note}")
+                   + f"  [{len(tried)}/{most} at most, {spent:.0f} s, at most {left:.1f} min left]")
             if fits:
                 break  # smaller micro-batches of this technique set are slower
 

@@ -58,6 +58,11 @@ class MemoryMeter:
                      reserved=torch.cuda.max_memory_reserved(self.device) / GIB,
                      device=self.device_peak, host_rss=host)
 
+    def measured(self) -> dict[str, float]:
+        """The peaks this device can measure: without a GPU only the host's (no GPU figure of 0)."""
+        p = self.peaks().as_dict()
+        return p if self.cuda else {"host_rss": p["host_rss"]}
+
     def short(self) -> str:
         p = self.peaks()
         if self.cuda:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 # DeepSpeed picks its accelerator at import; on machines without a GPU it must be told.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 # DeepSpeed JIT-builds its CPU communication op on first use (about 30 s); keep the build for
 # every test process of this checkout instead of repeating it.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache",
                                                            "torch_extensions"))
-
-import torch  # noqa: E402
 
 # The Triton kernels run on CPU tensors under Triton's interpreter; it must be chosen before the
 # kernels are first imported. On a machine with a GPU they are tested as compiled.

@@ -328,8 +328,13 @@ def test_synthetic_scenes_are_deterministic_and_varied():
     for size in (40, 200):
         img, lbl = make_scene(size, 9, np.random.default_rng(1))
         assert img.shape == (size, size, 3) and lbl.shape == (size, size)
-    with pytest.raises(DataError, match="synthetic dataset has 2..9 classes"):
-        open_source(DataConfig(num_classes=20), "train")
+    # a paper head (150 classes): the eight object kinds spread over its label range
+    labels = np.concatenate([make_scene(48, 150, np.random.default_rng([0, 0, i]))[1].ravel() for i in range(40)])
+    assert set(np.unique(labels).tolist()) == {0, 19, 37, 56, 74, 93, 112, 130, 149}
+    from setr_lowmem.data.synthetic import generate
+
+    with pytest.raises(ValueError, match="synthetic dataset has 2..255 classes"):
+        generate(1, 32, 300, 0, "train")  # label maps are 8-bit
 
 
 def test_test_ratios_scale_the_base_scale_or_the_image():

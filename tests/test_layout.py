@@ -20,6 +20,7 @@ FLOORS = [
     ("setr_lowmem.memory",),
     ("setr_lowmem.engine",),
     ("setr_lowmem.measure", "setr_lowmem.plan", "setr_lowmem.cli"),
+    ("setr_lowmem.commands",),
 ]
 
 

@@ -159,6 +159,7 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, backend):
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
     proc = train(tmp_path / "two", *common, launcher=launch)  # accumulation 1 on each
     assert "2 process(es)" in (tmp_path / "two/train.log").read_text(), proc.stderr[-2000:]
+    assert proc.stdout.count("final: iteration 6") == 1  # said by the main process only
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys()
     for k in one:

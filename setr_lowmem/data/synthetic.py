@@ -1,11 +1,12 @@
 """The built-in dataset: procedurally generated scenes, so that training runs with no download.
 
 Each scene is a textured, shaded background (class 0) with one to four objects drawn over
-it; an object's class fixes its shape, its texture and the range of its colour, but its
+it; an object's kind fixes its shape, its texture and the range of its colour, but its
 size, position, rotation, exact hue and brightness vary, and later objects occlude
 earlier ones. A model has to use shape and texture as well as colour, yet a small SETR
 learns it in minutes on a CPU. Everything is a function of (seed, split, index), at any
-size.
+size. There are eight object kinds; a head of more than 9 classes (a paper config on the
+built-in data) sees them spread over its label range (`label_of`), the other labels unused.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ CLASSES = [
     ("cross", "cross", "stripes", 0.08),
     ("diamond", "diamond", "checker", 0.72),
 ]
-MAX_CLASSES = len(CLASSES)
+KINDS = len(CLASSES)  # background and eight object kinds
+
+
+def label_of(kind: int, num_classes: int) -> int:
+    """The label of object kind `kind`: the kind itself for up to 9 classes; for a larger head (a
+    paper config's 150, 19 or 60 classes) the eight kinds spread evenly over 1..num_classes - 1."""
+    return kind if num_classes <= KINDS else round(kind * (num_classes - 1) / (KINDS - 1))
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -97,8 +104,8 @@ def make_scene(size: int, num_classes: int, rng: np.random.Generator) -> tuple[n
     val = np.clip(rng.uniform(0.35, 0.75) + 0.08 * blob, 0.05, 1.0)
     label = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(1, 5)):
-        cls = int(rng.integers(1, num_classes))
-        _, shape, texture, base_hue = CLASSES[cls]
+        kind = int(rng.integers(1, min(num_classes, KINDS)))
+        _, shape, texture, base_hue = CLASSES[kind]
         radius = rng.uniform(0.12, 0.3) * size
         cy, cx = rng.uniform(0.1, 0.9, 2) * size
         theta = rng.uniform(0, 2 * np.pi) if shape not in ("disc", "ring") else 0.0
@@ -109,7 +116,7 @@ def make_scene(size: int, num_classes: int, rng: np.random.Generator) -> tuple[n
         hue[mask] = (base_hue + rng.uniform(-0.04, 0.04)) % 1.0
         sat[mask] = rng.uniform(0.55, 0.95)
         val[mask] = (rng.uniform(0.65, 1.0) * shade)[mask]
-        label[mask] = cls
+        label[mask] = label_of(kind, num_classes)
     rgb = _hsv_to_rgb(hue, sat, val) + rng.normal(0, 0.03, (size, size, 3))
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), label
 
@@ -122,8 +129,8 @@ def _png(arr: np.ndarray) -> bytes:
 
 def generate(num: int, size: int, num_classes: int, seed: int, split: str) -> datasets.Dataset:
     """`num` scenes as a datasets.Dataset with PNG-encoded `image` and `label` columns."""
-    if not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"the synthetic dataset has 2..{MAX_CLASSES} classes; data.num_classes is {num_classes}")
+    if not 2 <= num_classes <= 255:
+        raise ValueError(f"the synthetic dataset has 2..255 classes; data.num_classes is {num_classes}")
     split_id = {"train": 0, "val": 1}.get(split, 2)
     images, labels = [], []
     for i in range(num):

@@ -13,7 +13,9 @@ with non-finite weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import re
@@ -22,9 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from setr_lowmem.config import Config, config_to_dict, diff_configs, may_change_on_resume, save_config
+from setr_lowmem.config import (Config, config_from_dict, config_to_dict, diff_configs, may_change_on_resume,
+                                save_config)
 from setr_lowmem.errors import SetrError
 from setr_lowmem.memory.checkpointing import WRAPPER
 from setr_lowmem.model.encoder import shape_mismatch
@@ -169,7 +174,6 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
 def check_compatible(path: Path, cfg: Config) -> None:
     """A resume whose config differs from the checkpoint's in what is trained is an error that lists
     the differences; the keys whose fields say `may_change_on_resume` may differ."""
-    import yaml
 
     saved = yaml.safe_load((path / "config.yaml").read_text())
     diffs = [d for d in diff_configs(saved, config_to_dict(cfg)) if not may_change_on_resume(d.split(":", 1)[0])]
@@ -192,7 +196,10 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
         elif (path / "pytorch_model").is_dir():  # DeepSpeed: accelerate saves the engine under this tag
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
+            # its progress prints (shards, stages, element counts) would end up between our own lines
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
+            log.info("consolidated the ZeRO partitions of %s (%d tensors)", path, len(sd))
         else:
             raise CheckpointError(f"no model weights in {path} (expected model.safetensors or a DeepSpeed checkpoint)")
     except CheckpointError:
@@ -217,9 +224,27 @@ def export_fp32(path: Path, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"source": str(path), "format": "setr_lowmem"})
+    metadata = {"source": str(path), "format": "setr_lowmem"}
+    if (path / "config.yaml").is_file():  # the file rebuilds its model without a --cfg
+        metadata["config"] = (path / "config.yaml").read_text()
+    save_file(sd, str(tmp), metadata=metadata)
     tmp.rename(out)
     return out
+
+
+def stored_config(path: str | Path) -> Config | None:
+    """The config a trained model was made with: a checkpoint directory's `config.yaml`, or the
+    `config` metadata of an exported file. None where there is none (an imported or older file)."""
+    path = Path(path)
+    if path.is_dir():
+        text = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
+    else:
+        try:
+            with safe_open(str(path), "pt") as f:
+                text = (f.metadata() or {}).get("config")
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file is one line
+            raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    return None if text is None else config_from_dict(yaml.safe_load(text), f"the config stored in {path}")
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:

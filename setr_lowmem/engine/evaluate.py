@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from setr_lowmem.config import Config
 from setr_lowmem.data.loader import EvalSet, eval_inputs
@@ -116,10 +117,13 @@ def evaluate(model: nn.Module, cfg: Config, device: torch.device, source: Source
              max_images: int = 0, rank: int = 0, world: int = 1,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             progress: Callable[[int], None] | None = None) -> dict:
-    """mIoU of `model` on the validation split (this process's share; `reduce` sums the matrices)."""
+             progress: bool = False) -> dict:
+    """mIoU of `model` on the validation split (this process's share; `reduce` sums the matrices),
+    with a progress bar of this process's images if `progress`."""
     source = source or open_source(cfg.data, cfg.data.val_split)
     images = EvalSet(source, cfg.data, max_images)
+    bar = tqdm(total=len(range(rank, len(images), world)), desc="validation", unit="img", leave=False,
+               dynamic_ncols=True, disable=None if progress else True)  # None: only on a terminal
     was_training = model.training
     model.eval()
     classes = cfg.data.num_classes
@@ -129,9 +133,9 @@ def evaluate(model: nn.Module, cfg: Config, device: torch.device, source: Source
             image, label, _ = images[i]
             probs = predict_probs(model, image, cfg, device, autocast)
             cm += confusion_matrix(probs.argmax(0).cpu(), torch.from_numpy(label), classes)
-            if progress:
-                progress(1)
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     if reduce is not None:
         cm = reduce(cm.to(device)).cpu()

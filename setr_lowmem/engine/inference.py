@@ -7,11 +7,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-from setr_lowmem.config import Config, without_initial_weights
-from setr_lowmem.engine.checkpoint import load_model_weights
+from setr_lowmem.config import (
+    Config,
+    ConfigError,
+    load_config,
+    with_overrides,
+    without_initial_weights,
+)
+from setr_lowmem.engine.checkpoint import (
+    CheckpointError,
+    load_model_weights,
+    stored_config,
+)
 from setr_lowmem.memory.precision import apply_attention_kernel, autocast_factory
 from setr_lowmem.model import SETR, build_setr
+
+
+def model_config(checkpoint: str | Path, cfg_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The config to rebuild a trained model with: `--cfg` when given, else the one the checkpoint
+    or exported file carries; `key=value` overrides apply to either."""
+    if cfg_path:
+        return load_config(cfg_path, overrides)
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    stored = stored_config(checkpoint)
+    if stored is None:
+        raise ConfigError(f"{checkpoint} carries no config (imported, or exported by an older version): give --cfg")
+    return with_overrides(stored, overrides) if overrides else stored
 
 
 def load_trained(cfg: Config, checkpoint: str | Path, device: torch.device | None = None):
@@ -27,12 +51,32 @@ def load_trained(cfg: Config, checkpoint: str | Path, device: torch.device | Non
     return model, autocast
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """Distinct colours per class (a fixed random palette; class 0 first)."""
-    rng = np.random.default_rng(3)
-    return rng.integers(40, 256, (max(num_classes, 1), 3)).astype(np.uint8)
+def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[str],
+            alpha: float = 0.5, legend_rows: int = 24) -> Image.Image:
+    """The prediction blended over the image, with a legend of the classes present (the largest
+    first, at most `legend_rows`) in a strip on the right."""
+    blended = image.astype(np.float32) * (1 - alpha) + palette[pred].astype(np.float32) * alpha
+    canvas = Image.fromarray(blended.round().astype(np.uint8))
+    counts = np.bincount(pred.ravel(), minlength=len(names))
+    present = [int(k) for k in np.argsort(-counts, kind="stable") if counts[k]][:legend_rows]
+    font = ImageFont.load_default()
+    row = 16
+    width = 28 + max(int(ImageDraw.Draw(canvas).textlength(names[k], font=font)) for k in present) + 8
+    out = Image.new("RGB", (canvas.width + width, max(canvas.height, row * len(present) + 8)), (255, 255, 255))
+    out.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, k in enumerate(present):
+        x, y = canvas.width + 6, 4 + i * row
+        draw.rectangle((x, y + 1, x + 16, y + row - 3), fill=tuple(int(c) for c in palette[k]), outline=(0, 0, 0))
+        draw.text((x + 22, y + 1), names[k], fill=(0, 0, 0), font=font)
+    return out
 
 
-def overlay(image: np.ndarray, pred: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
-    colours = palette(num_classes)[pred]
-    return (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+def label_png(pred: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """The class map as a palette PNG: pixel values are the class indices (what a reader of label
+    maps expects), shown in the dataset's colours by any image viewer."""
+    image = Image.fromarray(pred.astype(np.uint8))  # "L"; putpalette makes it "P", values unchanged
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    colours[: len(palette)] = palette[:256]
+    image.putpalette(colours.ravel().tolist())
+    return image

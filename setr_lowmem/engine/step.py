@@ -41,7 +41,7 @@ log = logging.getLogger("setr_lowmem")
 
 def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = False) -> Accelerator:
     """The Accelerator for `cfg`: a DeepSpeed plugin when a ZeRO stage is set, the accumulation of
-    `cfg.train`, TensorBoard under `run_dir/tb` when `trackers`."""
+    `cfg.train`, the trackers of `train.log_with` when `trackers`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         accumulation = cfg.train.accumulation(world)
@@ -55,8 +55,9 @@ def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = 
             # accelerate finds no backend for DeepSpeed on the CPU and would count one process
             # per rank; naming gloo gives it the real world size.
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # trackers log under <run_dir>.parent / <run_dir>.name: TensorBoard's events in the run directory
     project = None if run_dir is None else ProjectConfiguration(project_dir=str(run_dir),
-                                                                 logging_dir=str(run_dir / "tb"))
+                                                                 logging_dir=str(Path(run_dir).parent))
     return Accelerator(
         kwargs_handlers=handlers,
         # Without a GPU, several processes need accelerate's MULTI_CPU (gloo) mode, which it
@@ -65,9 +66,35 @@ def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = 
         mixed_precision="bf16" if cfg.memory.precision == "bf16_weights" else "no",
         gradient_accumulation_steps=accumulation,
         deepspeed_plugin=plugin,
-        log_with="tensorboard" if trackers else None,
+        log_with=tracker(cfg) if trackers else None,
         project_config=project,
     )
+
+
+def warn_single_process_launch() -> None:
+    """`accelerate launch --cpu --num_processes 2` starts one process (its simple launcher, which
+    only sets MASTER_ADDR for the count it ignores): say so, and how to get real processes."""
+    env = os.environ
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env \
+            and not any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        log.warning("accelerate launch --cpu --num_processes N runs ONE process (accelerate's behaviour): "
+                    "this run is single-process; for N processes on a CPU use "
+                    "`accelerate launch --multi_gpu --num_processes N` (without --cpu)")
+
+
+def tracker(cfg: Config) -> str | None:
+    """`train.log_with` for accelerate; a tracker that is not installed is an error here, where
+    accelerate would drop it without a word."""
+    name = cfg.train.log_with
+    if name == "none":
+        return None
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    if name in available and not available[name]():
+        raise ConfigError(f"train.log_with is {name} but {name} is not installed: pip install {name} "
+                          "(or set train.log_with=none)")
+    return name
 
 
 def reset_accelerate() -> None:

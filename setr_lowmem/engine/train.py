@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from setr_lowmem.config import Config, config_to_dict, save_config
 from setr_lowmem.data.loader import build_train_loader, stream_state
@@ -26,7 +27,7 @@ from setr_lowmem.data.sources import Source, open_source
 from setr_lowmem.engine import checkpoint as ckpt
 from setr_lowmem.engine.evaluate import evaluate
 from setr_lowmem.engine.rundir import RunLock, writable_dir
-from setr_lowmem.engine.step import TrainingStep, make_accelerator, prepare_step
+from setr_lowmem.engine.step import TrainingStep, make_accelerator, prepare_step, warn_single_process_launch
 from setr_lowmem.errors import SetrError
 from setr_lowmem.profiler import MemoryMeter, fit_line
 
@@ -81,6 +82,8 @@ class Run:
     last_loss: float = float("nan")
     summary: dict = field(default_factory=dict)
     val_error: str = ""  # the last validation's failure, if it failed
+    data_wait: float = 0.0  # seconds the loop waited for batches since the last log line
+    logged_at: float = field(default_factory=time.time)  # when the last log line was written
 
     @property
     def run_dir(self) -> Path:
@@ -133,7 +136,8 @@ class _Signals:
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict:
     """Train per `cfg`; returns a summary (iteration, losses, skipped steps, peaks, mIoU)."""
     run = open_run(cfg, resume, stop_after)
-    with _Signals() as signals, _ending(run):
+    # log lines print above the progress bar, not glued to its end
+    with _Signals() as signals, logging_redirect_tqdm(loggers=[log]), _ending(run):
         while run.state.iteration < run.stop_at and signals.stop is None:
             skipped = iterate(run)
             if not skipped:
@@ -186,6 +190,7 @@ def open_run(cfg: Config, resume: str | None, stop_after: int | None) -> Run:
     world = accelerator.num_processes
     log.info("run %s: %d process(es) on %s, micro-batch %d x accumulation %d x %d = batch %d", run_dir, world,
              accelerator.device, cfg.train.micro_batch, cfg.train.accumulation(world), world, cfg.train.total_batch)
+    warn_single_process_launch()
     # the data first: a missing split fails before minutes of model building, downloads and training
     source = open_source(cfg.data, cfg.data.train_split)
     val_source = open_source(cfg.data, cfg.data.val_split)
@@ -194,7 +199,7 @@ def open_run(cfg: Config, resume: str | None, stop_after: int | None) -> Run:
     accelerator.register_for_checkpointing(step.scheduler, state)
     if start is not None:
         _resume(accelerator, start, cfg, state)
-    accelerator.init_trackers("tb", config=_flat(config_to_dict(cfg)))
+    accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(cfg)))
     loader = build_train_loader(cfg, state.iteration, accelerator.process_index, world, source)
     meter = MemoryMeter(accelerator.device)
     meter.reset()
@@ -219,10 +224,19 @@ def _resume(accelerator: Accelerator, start: Path, cfg: Config, state: TrainStat
                     cfg.train.micro_batch)
 
 
+def _timed_batches(run: Run):
+    """This iteration's micro-batches, adding the time spent waiting for each to `run.data_wait`."""
+    for _ in range(run.step.accumulation):
+        start = time.perf_counter()
+        batch = next(run.batches)
+        run.data_wait += time.perf_counter() - start
+        yield batch
+
+
 def iterate(run: Run) -> bool:
     """One iteration of the step on the next micro-batches; counts a skipped step. Returns whether it was skipped."""
     state, it = run.state, run.state.iteration
-    micro_batches = (next(run.batches) for _ in range(run.step.accumulation))
+    micro_batches = _timed_batches(run)
     try:
         outcome = run.step.run(micro_batches)
     except torch.OutOfMemoryError as err:
@@ -273,11 +287,15 @@ def log_if_due(run: Run) -> None:
     run.window.clear()
     lrs = _lrs(run)
     ips = (it - run.start) * run.cfg.train.total_batch / max(time.time() - run.started, 1e-9)
-    peaks = run.meter.peaks().as_dict()
-    log.info("iter %d/%d loss %.4f lr %s %.1f img/s skipped %d mem %s", it, run.cfg.schedule.iters, loss,
-             " ".join(f"{k}={v:.3g}" for k, v in lrs.items()), ips, run.state.skipped, run.meter.short())
+    peaks = run.meter.measured()  # without a GPU: host memory only, never a GPU figure of 0
+    now = time.time()
+    waited = run.data_wait / max(now - run.logged_at, 1e-9)  # the share of the window spent waiting for data
+    run.data_wait, run.logged_at = 0.0, now
+    log.info("iter %d/%d loss %.4f lr %s %.1f img/s skipped %d mem %s data wait %.0f%%", it, run.cfg.schedule.iters,
+             loss, " ".join(f"{k}={v:.3g}" for k, v in lrs.items()), ips, run.state.skipped, run.meter.short(),
+             100 * waited)
     write_metrics(run, {"iteration": it, "loss": loss, "lr": lrs, "img_s": ips, "skipped": run.state.skipped,
-                        "mem": peaks})
+                        "mem": peaks, "data_wait": round(waited, 4), "time": round(now, 3)})
     run.accelerator.log({"loss": loss, "img_per_s": ips, "skipped": run.state.skipped,
                          **{f"lr/{k}": v for k, v in lrs.items()}, **{f"mem/{k}": v for k, v in peaks.items()}},
                         step=it)
@@ -330,7 +348,8 @@ def close_run(run: Run, stopped_by: str | None) -> dict:
     log.info(fit_line(peaks, cuda=run.accelerator.device.type == "cuda"))
     run.accelerator.end_training()
     run.summary.update(iteration=run.state.iteration, skipped=run.state.skipped, peaks=peaks.as_dict(),
-                       stopped_by=stopped_by, run_dir=str(run.run_dir), val_error=run.val_error)
+                       stopped_by=stopped_by, run_dir=str(run.run_dir), val_error=run.val_error,
+                       main_process=run.accelerator.is_main_process)
     return run.summary
 
 
@@ -342,7 +361,7 @@ def _validate(run: Run) -> dict:
                        max_images=run.cfg.train.val_max_images,
                        rank=accelerator.process_index, world=accelerator.num_processes,
                        reduce=lambda t: accelerator.reduce(t, reduction="sum") if accelerator.num_processes > 1 else t,
-                       autocast=run.step.autocast)
+                       autocast=run.step.autocast, progress=accelerator.is_main_process)
     log.info("iter %d val mIoU %.2f aAcc %.2f mAcc %.2f (%d images, %.1f s)", it, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"], metrics["images"], time.time() - start)
     scores = {k: metrics[k] for k in ("mIoU", "aAcc", "mAcc")}

@@ -1,0 +1,60 @@
+"""Evaluate a trained SETR: `python launch/evaluate.py --checkpoint PATH [--cfg pup_ade20k.yaml]`.
+
+PATH is an exported `model.safetensors` or a checkpoint directory (ZeRO ones included).
+Prints the per-class table and aAcc / mIoU / mAcc, and writes them as JSON. `--ms-flip`
+uses the paper's multi-scale (0.5 ... 1.75) and flip protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from setr_lowmem.cli import fail, prepare_environment, run_main
+
+prepare_environment()
+
+MS_SCALES = "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", default=None,
+                        help="config file (default: the one the checkpoint or exported file carries)")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--ms-flip", action="store_true", help="multi-scale 0.5..1.75 and flip")
+    parser.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
+    parser.add_argument("--max-images", type=int, default=0)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+
+    from setr_lowmem.data.classes import class_names
+    from setr_lowmem.engine.evaluate import evaluate, format_table
+    from setr_lowmem.engine.inference import load_trained, model_config
+    from setr_lowmem.engine.rundir import writable_dir
+
+    overrides = list(args.overrides) + ([f"eval.scales={MS_SCALES}", "eval.flip=true"] if args.ms_flip else [])
+    cfg = model_config(args.checkpoint, args.cfg, overrides)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
+    if out.is_dir():
+        fail(f"--out {out} is a directory; give the JSON file to write")
+    writable_dir(out.parent, "the directory of --out")  # before the evaluation, not after it
+    model, autocast = load_trained(cfg, args.checkpoint)
+    device = next(model.parameters()).device
+    metrics = evaluate(model, cfg, device, max_images=args.max_images, autocast=autocast, progress=True)
+    names = class_names(cfg.data.dataset, cfg.data.num_classes)
+    print(format_table(metrics, names))
+    out.write_text(json.dumps({"config": str(args.cfg or "stored in the checkpoint"), "checkpoint": str(ckpt), "scales": cfg.eval.scales,
+                               "flip": cfg.eval.flip, "mode": cfg.eval.mode, "classes": names, **metrics}, indent=1))
+    print(f"wrote {out}")
+
+
+def cli() -> None:
+    """The `setr-evaluate` console command."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,51 @@
+"""Export the consolidated fp32 model of any checkpoint (ZeRO ones included) as one safetensors file:
+`python launch/export.py runs/pup_ade20k/checkpoints/iter_0160000 pup_ade20k.safetensors`.
+
+The file carries the run's config, so it loads with `launch/evaluate.py --checkpoint FILE` and
+`launch/predict.py --checkpoint FILE` without `--cfg`. With `--hub` OUT is a Hugging Face Hub
+directory instead (`PretrainedSETR.from_pretrained(OUT)`, `push_to_hub`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from setr_lowmem.cli import fail, prepare_environment, run_main
+
+prepare_environment()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint directory (runs/<name>/checkpoints/iter_...)")
+    parser.add_argument("out", help="the .safetensors file to write (with --hub: the directory)")
+    parser.add_argument("--hub", action="store_true",
+                        help="write a Hugging Face Hub directory (model.safetensors, config.json, README.md) that "
+                             "PretrainedSETR.from_pretrained loads")
+    args = parser.parse_args()
+
+    from setr_lowmem.engine.checkpoint import export_fp32
+    from setr_lowmem.engine.rundir import writable_dir
+
+    if not Path(args.checkpoint).is_dir():
+        fail(f"checkpoint directory not found: {args.checkpoint}")
+    if args.hub:
+        from setr_lowmem.engine.hub import PretrainedSETR
+
+        out = writable_dir(Path(args.out), "the output directory")
+        PretrainedSETR.from_checkpoint(args.checkpoint).save_pretrained(out)
+        print(f"wrote {out}: load it with PretrainedSETR.from_pretrained({str(out)!r})")
+        return
+    writable_dir(Path(args.out).parent, "the directory of the output")
+    out = export_fp32(Path(args.checkpoint), Path(args.out))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, fp32)")
+
+
+def cli() -> None:
+    """The `setr-export` console command."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

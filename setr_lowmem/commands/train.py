@@ -1,0 +1,74 @@
+"""Train SETR: `accelerate launch launch/train.py --cfg pup_ade20k.yaml [key.sub=value ...]`.
+
+Also runs as plain `python launch/train.py ...`. `--resume auto` continues from the newest
+complete checkpoint of the run; `--resume PATH` from a given one. `--auto-fit GIB` first
+picks the fastest memory plan that fits that budget (see `python -m setr_lowmem.plan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from setr_lowmem.cli import fail, prepare_environment, run_main
+
+prepare_environment()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="config file; a bare name is looked up in configs/")
+    parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N iterations")
+    parser.add_argument("--auto-fit", type=float, default=None, metavar="GIB",
+                        help="choose micro-batch/checkpointing/8-bit/offload to fit GIB of GPU memory")
+    parser.add_argument("--cap-gib", type=float, default=None, metavar="GIB",
+                        help="cap this process's GPU memory, to see whether a smaller card would hold the run")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 train.micro_batch=4")
+    args = parser.parse_intermixed_args()
+    if args.stop_after is not None and args.stop_after < 1:
+        fail(f"--stop-after must be a positive number of iterations, got {args.stop_after}")
+
+    from setr_lowmem.config import load_config
+    from setr_lowmem.engine.train import train
+
+    cfg = load_config(args.cfg, args.overrides)
+    if args.cap_gib is not None:
+        import torch
+
+        from setr_lowmem.measure import set_memory_cap
+
+        if not torch.cuda.is_available():
+            fail("--cap-gib needs a GPU")
+        set_memory_cap(args.cap_gib, torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    if args.auto_fit is not None:
+        from setr_lowmem.plan import auto_fit
+
+        cfg = auto_fit(cfg, args.auto_fit)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    report(summary, cfg.schedule.iters)
+
+
+def report(summary: dict, iters: int) -> None:
+    """The final line, once: by the main process (the others only share its exit code)."""
+    say = fail if summary["main_process"] else lambda message, code=2: sys.exit(code)
+    val = summary.get("val")
+    if val is not None and summary["main_process"]:
+        print(f"final: iteration {summary['iteration']}, mIoU {val['mIoU']:.2f}, aAcc {val['aAcc']:.2f}, "
+              f"mAcc {val['mAcc']:.2f} on {val['images']} validation images; model in {summary['run_dir']}")
+    if summary.get("val_error") and summary["iteration"] == iters:
+        say(f"training finished (model in {summary['run_dir']}) but the final validation failed: "
+             f"{summary['val_error']}")
+    if summary.get("stopped_by"):
+        say(f"stopped by {summary['stopped_by']} at iteration {summary['iteration']}; "
+             f"continue with --resume auto", code=130)
+
+
+def cli() -> None:
+    """The `setr-train` console command."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,202 @@
+"""What users of pip, the Hub and the usual tools expect: a wheel with its configs and commands, an
+exported model that rebuilds itself, `save_pretrained`/`from_pretrained`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from setr_lowmem.config import ConfigError, config_to_dict, with_overrides
+from setr_lowmem.engine import checkpoint as ckpt
+from setr_lowmem.engine.hub import PretrainedSETR
+from setr_lowmem.engine.inference import load_trained, model_config
+from tests.conftest import tiny_config
+from tests.helpers import ROOT, run
+
+
+def _sh(args: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_a_wheel_trains_and_evaluates_through_its_commands_from_an_empty_directory(tmp_path):
+    """pip wheel . -> a fresh environment -> `setr-train --cfg tiny_synthetic` in an empty directory
+    (the config comes from the wheel), then `setr-evaluate` of the exported model without --cfg.
+    The fresh environment takes this one's installed dependencies through a .pth line, so that the
+    test needs no network; the package itself can only come from the wheel."""
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to the sources
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    _sh([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", src], cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("setr_lowmem-*.whl"))
+    env = tmp_path / "env"
+    _sh([sys.executable, "-m", "venv", "--without-pip", env], cwd=tmp_path)
+    purelib = Path(sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"])
+    (purelib / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _sh([sys.executable, "-m", "pip", "--python", env / "bin/python", "install", "-q", "--no-deps", wheel], cwd=tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    where = _sh([env / "bin/python", "-c", "import setr_lowmem; print(setr_lowmem.__file__)"], cwd=work).stdout
+    assert where.startswith(str(env)), where  # not this checkout
+    _sh([env / "bin/setr-train", "--cfg", "tiny_synthetic", "schedule.iters=4", "train.val_every=0",
+         "train.val_max_images=4", "train.log_every=2"], cwd=work)
+    exported = work / "runs/tiny_synthetic/model.safetensors"
+    assert exported.is_file()
+    out = _sh([env / "bin/setr-evaluate", "--checkpoint", exported, "--max-images", "4"], cwd=work).stdout
+    assert "mIoU" in out and (work / "runs/tiny_synthetic/eval.json").is_file()
+    for command in ("setr-predict", "setr-export", "setr-plan", "setr-benchmark"):
+        assert "usage:" in _sh([env / "bin" / command, "--help"], cwd=work).stdout
+
+
+def test_an_exported_model_carries_its_config(tmp_path):
+    run([sys.executable, "launch/train.py", "--cfg", "test_tiny", f"train.out_dir={tmp_path}", "schedule.iters=2",
+         "model.decoder=naive", "model.head_channels=24", "train.val_every=0"])
+    exported = tmp_path / "model.safetensors"
+    stored = model_config(exported)  # test_tiny is PUP with 32 channels: these come from the file
+    assert stored.model.decoder == "naive" and stored.model.head_channels == 24
+    assert model_config(exported, overrides=["eval.mode=slide"]).eval.mode == "slide"
+    assert ckpt.stored_config(ckpt.list_checkpoints(tmp_path)[-1]) == stored
+    load_trained(stored, exported)  # loads strictly: every weight has its place
+    # a file without one (imported from mmseg, or from an older export) asks for --cfg
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(1)}, str(bare))
+    with pytest.raises(ConfigError, match="bare.safetensors carries no config .*give --cfg"):
+        model_config(bare)
+
+
+def test_save_pretrained_and_from_pretrained_give_the_same_logits(tmp_path):
+    cfg = tiny_config("pup")
+    torch.manual_seed(0)
+    model = PretrainedSETR(config_to_dict(cfg)).eval()
+    model.save_pretrained(tmp_path / "hub")
+    assert {p.name for p in (tmp_path / "hub").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+    loaded = PretrainedSETR.from_pretrained(tmp_path / "hub")
+    assert loaded.cfg == cfg
+    images = torch.randn(2, 3, cfg.data.crop, cfg.data.crop)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
+        torch.manual_seed(1)
+        other = PretrainedSETR(config_to_dict(cfg)).eval()  # what an unloaded model would give
+        assert not torch.allclose(other(images), model(images))
+
+
+@pytest.mark.parametrize("log_with", ["tensorboard", "none"])
+def test_trackers_log_into_the_run_directory_and_no_gpu_figure_on_a_cpu(tmp_path, log_with):
+    from setr_lowmem.engine import train as train_mod
+    from setr_lowmem.engine.step import reset_accelerate
+    from tests.helpers import metrics
+    from tests.test_faults import config
+
+    reset_accelerate()
+    cfg = with_overrides(config(tmp_path / "run", log_every=2), [f"train.log_with={log_with}"])
+    train_mod.train(cfg, stop_after=2)
+    reset_accelerate()
+    events = list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert len(events) == (log_with == "tensorboard") and not (tmp_path / "run/tb").exists()
+    logged = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert logged and all(set(r["mem"]) == {"host_rss"} for r in logged)  # no allocated/reserved of 0
+
+
+def test_a_tracker_that_is_not_installed_is_named(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    from setr_lowmem.engine.step import tracker
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.log_with is wandb but wandb is not installed: pip install wandb"):
+        tracker(with_overrides(tiny_config("pup"), ["train.log_with=wandb"]))
+    assert tracker(with_overrides(tiny_config("pup"), ["train.log_with=none"])) is None
+
+
+def test_official_class_names_and_palettes():
+    from setr_lowmem.data.classes import class_names, class_palette
+
+    ade = class_names("ade20k", 150)
+    assert len(ade) == 150 and ade[:3] == ["wall", "building", "sky"] and ade[-1] == "flag"
+    assert class_names("cityscapes", 19)[-1] == "bicycle" and class_names("pascal_context", 60)[0] == "background"
+    assert class_names("pascal_context59", 59)[0] == "aeroplane"
+    assert class_palette("cityscapes", 19)[0].tolist() == [128, 64, 128]  # road
+    for name, n in (("ade20k", 150), ("cityscapes", 19), ("pascal_context", 60), ("pascal_context59", 59)):
+        assert class_palette(name, n).shape == (n, 3)
+    assert class_palette("ade20k", 150)[-1].tolist() == [92, 0, 255]  # flag
+    assert class_names("synthetic", 3) == ["class 0", "class 1", "class 2"]
+    assert class_names("ade20k", 7)[6] == "class 6"  # a head of another size is not given ADE20K's names
+
+
+def test_label_maps_are_palette_pngs_and_overlays_have_a_legend(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from setr_lowmem.data.classes import class_names, class_palette
+    from setr_lowmem.engine.inference import label_png, overlay
+
+    palette, names = class_palette("cityscapes", 19), class_names("cityscapes", 19)
+    pred = np.zeros((40, 60), np.uint8)
+    pred[:, 30:] = 13  # car
+    pred[:5, :5] = 18  # bicycle
+    label_png(pred, palette).save(tmp_path / "label.png")
+    back = Image.open(tmp_path / "label.png")
+    assert back.mode == "P" and np.array_equal(np.asarray(back), pred)
+    assert np.array_equal(np.asarray(back.convert("RGB"))[0, 40], palette[13])
+    shown = np.asarray(overlay(np.full((40, 60, 3), 200, np.uint8), pred, palette, names))
+    strip = shown[:, 60:].reshape(-1, 3)
+    colours = {tuple(c) for c in strip.tolist()}
+    assert shown.shape[1] > 60 and all(tuple(palette[k].tolist()) in colours for k in (0, 13, 18))
+    assert tuple(palette[11].tolist()) not in colours  # person: not in the prediction, not in the legend
+
+
+def test_the_planner_does_not_let_noise_choose_between_equally_fast_plans():
+    from setr_lowmem.measure import Measurement
+    from setr_lowmem.plan import Plan, pick
+
+    def tried(speed_b: float):
+        a = (Plan(16, "none", 32, False), Measurement("a", 16, img_s=100.0, allocated=20.0))
+        b = (Plan(8, "full", 8, False), Measurement("b", 8, img_s=speed_b, allocated=9.0))
+        return [a, b]
+
+    assert pick(tried(97.0), cuda=False).micro_batch == 8  # 3% slower: a tie, and 11 GiB more to spare
+    assert pick(tried(90.0), cuda=False).micro_batch == 16  # 10% slower: the faster plan
+    assert pick([], cuda=False) is None
+
+
+def test_known_dependency_warnings_are_dropped_and_others_kept():
+    import logging
+
+    from setr_lowmem.cli import quiet_known_warnings
+
+    quiet_known_warnings()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    for name, dropped in (("DeepSpeed", "You are using ZeRO with an untested optimizer, proceed with caution"),
+                          ("bitsandbytes.backends.cpu.ops", "Please make sure you already `pip install kernels`")):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            logger.warning(dropped)
+            logger.warning("something else")
+        finally:
+            logger.removeHandler(handler)
+    assert seen == ["something else", "something else"]
+
+
+def test_accelerate_cpu_with_several_processes_is_said_to_run_one(tmp_path):
+    from tests.helpers import accelerate, train
+
+    launch = accelerate("--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no")
+    proc = train(tmp_path / "run", "schedule.iters=1", launcher=launch)
+    log = (tmp_path / "run/train.log").read_text()
+    assert "1 process(es)" in log and "runs ONE process" in log and "--multi_gpu --num_processes N" in proc.stderr
+    plain = train(tmp_path / "plain", "schedule.iters=1")
+    assert "runs ONE process" not in plain.stderr
