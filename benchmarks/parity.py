@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from setr_lowmem.commands.benchmark import row_style  # noqa: E402
 
 PLAIN = ["memory.precision=fp32", "memory.checkpointing=none", "memory.classifier_first=false",
          "memory.fused_upsample_loss=false", "memory.upsample_backward=stock", "optim.bits=32",
@@ -129,11 +130,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         its = sorted(set.intersection(*(set(s["curve"]) for s in seeds)))
         ax.fill_between(its, [min(s["curve"][i] for s in seeds) for i in its],
                         [max(s["curve"][i] for s in seeds) for i in its], color="0.8", label="baseline, 3 seeds")
-    tab20 = plt.get_cmap("tab20")(range(20))
     for i, r in enumerate(x for x in rows if x["row"] not in SEEDS[1:] and x["curve"]):
         its = sorted(r["curve"])
-        ax.plot(its, [r["curve"][k] for k in its], color=tab20[2 * (i % 10) + i // 10], lw=1.2,
-                marker="osD^v<>pPX*h"[i % 12], markevery=max(1, len(its) // 8), ms=4, label=r["row"])
+        ax.plot(its, [r["curve"][k] for k in its], **row_style(i), lw=1.2, markevery=max(1, len(its) // 8), ms=4,
+                label=r["row"])
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss (mean over 10 iterations)")

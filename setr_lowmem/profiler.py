@@ -204,12 +204,15 @@ def memory_timeline_png(step, path: str, device: torch.device, title: str = "") 
     times, sizes = _memory_timeline(step, device)
     times = (np.array(times) - min(times)) / 1e3
     sizes = np.array(sizes, dtype=float) / GIB
+    unit = "GiB"
+    if sizes[:, 1:].sum(axis=1).max() < 1.0:  # a tiny model: MiB, where GiB would read 0.01
+        sizes, unit = sizes * 1024, "MiB"
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     order = sorted(_CATEGORY_TO_INDEX.items(), key=lambda kv: kv[1])
     ax.stackplot(times, *[sizes[:, i + 1] for _, i in order],
                  labels=["unknown" if c is None else c.name.lower() for c, _ in order])
     ax.set_xlabel("time in the step (ms)")
-    ax.set_ylabel("GiB")
+    ax.set_ylabel(f"{unit} (tensors PyTorch's profiler saw)")
     ax.set_title(title or "memory over one training step")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()

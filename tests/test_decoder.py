@@ -214,3 +214,15 @@ def test_the_toolkit_sets_expandable_segments_unless_the_user_did(monkeypatch):
     assert configure_cuda_allocator() == SETTING == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert configure_cuda_allocator() == "max_split_size_mb:128"
+
+
+def test_bands_are_computed_without_tensors_as_the_source_rows_say():
+    """`_bands` (plain arithmetic, so that it also runs under fake tensors) against the rows that
+    `_source_rows` (PyTorch's bilinear indices) reads, for odd sizes and the paper's."""
+    from setr_lowmem.memory.decoder import _bands, _source_rows
+
+    for h_out, h_in, rows in [(o, i, r) for o in (1, 7, 50, 61, 512, 768) for i in (1, 3, 16, 128, 192) for r in (1, 5, 64)]:
+        y0, y1, _ = _source_rows(h_out, h_in, "cpu")
+        expected = [(slice(s, min(s + rows, h_out)), slice(int(y0[s:s + rows].min()), int(y1[s:s + rows].max()) + 1))
+                    for s in range(0, h_out, rows)]
+        assert _bands(h_out, h_in, rows) == expected, (h_out, h_in, rows)

@@ -81,6 +81,14 @@ def _times(x: float | None, k: float) -> float | None:
     return None if x is None else x * k
 
 
+def row_style(i: int) -> dict:
+    """The i-th row's own colour and marker (tab20's ten strong colours first, then their light ones)."""
+    import matplotlib.pyplot as plt
+
+    tab20 = plt.get_cmap("tab20")(range(20))
+    return {"color": tab20[2 * (i % 10) + (i // 10) % 2], "marker": "osD^v<>pPX*hH8d"[i % 15]}
+
+
 def chart(results: list[dict], path: Path, title: str, cuda: bool) -> None:
     """Peak memory and speed against the micro-batch, a colour and a marker of its own per row. On a
     GPU memory is the peak reserved by the allocator; on the CPU the tracked peak allocated, in MiB
@@ -91,16 +99,13 @@ def chart(results: list[dict], path: Path, title: str, cuda: bool) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r["label"] for r in results))
-    tab20 = plt.get_cmap("tab20")(range(20))
-    colours = [tab20[2 * (i % 10) + i // 10] for i in range(20)]  # the ten strong colours first
-    markers = "osD^v<>pPX*hH8d"
     key = "reserved" if cuda else "allocated"
     small = not cuda or max((r[key] for r in results if r[key] == r[key]), default=1.0) < 1.0
     scale, unit = (1024, "MiB") if small else (1, "GiB")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), dpi=100)
     for i, label in enumerate(labels):
         rows = [r for r in results if r["label"] == label and r["fits"]]
-        style = dict(color=colours[i % 20], marker=markers[i % len(markers)], label=label)
+        style = dict(row_style(i), label=label)
         for ax, values in ((ax1, [r[key] * scale for r in rows]), (ax2, [r["img_s"] for r in rows])):
             points = [(r["micro_batch"], v) for r, v in zip(rows, values, strict=True) if v == v]
             if points:  # a row without figures stays out of that panel and its legend

@@ -135,12 +135,17 @@ def apply_matmul_upsample_backward(model: nn.Module) -> int:
 
 
 def _bands(h_out: int, h_in: int, rows_per_band: int) -> list[tuple[slice, slice]]:
-    """(output rows, the input rows they read) for each band; computed on the host, no device sync."""
-    y0, y1, _ = _source_rows(h_out, h_in, "cpu")
+    """(output rows, the input rows they read) for each band: plain arithmetic on the host (no device
+    sync, and no tensors: it runs under fake tensors too). Source rows only grow with the output
+    row, so a band reads from its first row's y0 to its last row's y1."""
+    def source(i: int) -> tuple[int, int]:  # as _source_rows, in the same float64 arithmetic
+        y0 = min(math.floor(max((i + 0.5) * (h_in / h_out) - 0.5, 0.0)), h_in - 1)
+        return y0, min(y0 + 1, h_in - 1)
+
     bands = []
     for start in range(0, h_out, rows_per_band):
-        rows = slice(start, min(start + rows_per_band, h_out))
-        bands.append((rows, slice(int(y0[rows].min()), int(y1[rows].max()) + 1)))
+        end = min(start + rows_per_band, h_out)
+        bands.append((slice(start, end), slice(source(start)[0], source(end - 1)[1] + 1)))
     return bands
 
 

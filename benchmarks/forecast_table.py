@@ -1,0 +1,58 @@
+"""The memory forecast of the nine paper configurations at their own micro-batch, and the cards
+that hold them: `benchmarks/results/forecast_<date>.{md,json}` (predicted, not measured).
+
+    python benchmarks/forecast_table.py [--cards 8 12 16 24] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from setr_lowmem.cli import prepare_environment  # noqa: E402
+
+prepare_environment()
+from setr_lowmem.config import load_config  # noqa: E402
+from setr_lowmem.forecast import forecast  # noqa: E402
+
+PAPER = [f"{d}_{s}" for s in ("ade20k", "cityscapes", "pascal_context") for d in ("naive", "pup", "mla")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cards", type=float, nargs="+", default=[8, 12, 16, 24])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    rows = []
+    for name in PAPER:
+        f = forecast(load_config(name, list(args.overrides)))
+        rows.append({"config": name, "micro_batch": f.micro_batch, "allocated": f.allocated,
+                     "categories": f.categories, "seconds": f.seconds, "notes": f.notes,
+                     "fits": {str(c): f.fits(c) for c in args.cards}})
+        print(f"{name}: {f.allocated:.2f} GiB predicted at micro-batch {f.micro_batch} ({f.seconds:.0f} s)", flush=True)
+    date = datetime.date.today().isoformat()
+    head = "| config | micro-batch | predicted peak allocated GiB | params | grads | optimizer | activations | temporaries | " \
+           + " | ".join(f"{c:g} GB" for c in args.cards) + " |"
+    lines = [f"# Forecast of the paper configs as configured (predicted on fake tensors, not measured), {date}", "",
+             "A card holds a config when 1.4 x the predicted peak allocated fits it (the highest reserved/allocated "
+             "ratio of shared/reference-measurements.md, for the allocator and the CUDA context).", "", head,
+             "|" + "---|" * (8 + len(args.cards))]
+    for r in rows:
+        c = r["categories"]
+        lines.append(f"| {r['config']} | {r['micro_batch']} | {r['allocated']:.2f} | " + " | ".join(
+            f"{c.get(k, 0.0):.2f}" for k in ("params", "grads", "optimizer", "activations", "temporaries")) + " | "
+            + " | ".join("fits" if r["fits"][str(x)] else "no" for x in args.cards) + " |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"forecast_{date}.md").write_text("\n".join(lines) + "\n")
+    (out / f"forecast_{date}.json").write_text(json.dumps({"overrides": args.overrides, "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

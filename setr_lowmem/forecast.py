@@ -1,0 +1,178 @@
+"""Will it fit, without the card: a configuration's peak memory predicted on any machine.
+
+    python -m setr_lowmem.forecast --cfg pup_ade20k.yaml [--cards 8 12 16 24] [key=value ...]
+
+The model is built as training builds it, with every technique applied (`engine.step`), on the
+CPU; its weights then become fake tensors (PyTorch's FakeTensorMode: shapes, dtypes and
+storage sizes, no data, no arithmetic) and one training step, a warm-up step first so that the
+optimizer states exist, runs on fake images under PyTorch's MemTracker, the tracker that the
+profiler and the benchmark use on real tensors. What is computed, and what is accounted:
+
+- computed: parameters, gradients, SGD/AdamW states, activations and temporaries, for every
+  checkpointing policy (recomputation included), bf16 autocast (the CPU's autocast rules),
+  the decoder rewrites (the fused loss in its PyTorch form; the Triton kernels, which have no
+  fake implementation, keep the same tensors alive: one log-sum-exp per pixel, no full logits);
+- accounted from documented byte counts: bitsandbytes' 8-bit states (one byte per value, a
+  float32 scale per 256 and a 256-entry code book, for tensors of 4096 values or more), ZeRO-2's offloaded optimizer
+  (its states and fp32 master copies leave the GPU) and bf16 weights;
+- not predicted: the CUDA context and library workspaces, and the allocator's rounding: what
+  the card must hold on top is taken from measurements (`shared/reference-measurements.md`:
+  reserved was 1.07 to 1.40 times allocated there) until the GPU suite measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from setr_lowmem.config import Config, load_config, with_overrides, without_initial_weights
+from setr_lowmem.engine.step import build_for_training
+from setr_lowmem.memory import decoder
+from setr_lowmem.memory.optim import build_optimizer
+from setr_lowmem.profiler import GIB, breakdown_step
+
+BNB_MIN = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits
+BNB_BLOCK = 256  # values per float32 scale of a blockwise 8-bit state
+
+
+@dataclass
+class Forecast:
+    label: str
+    micro_batch: int
+    allocated: float  # GiB, the predicted peak allocated on the device
+    categories: dict[str, float]  # GiB at the peak, after accounting
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self, card_gib: float, overhead: float = 1.4) -> bool:
+        """Whether a card of `card_gib` holds the peak with the allocator's and CUDA's share on top
+        (`overhead` x allocated: the highest reserved/allocated ratio of the reference measurements)."""
+        return self.allocated * overhead <= card_gib
+
+
+def _fake_module(module: torch.nn.Module, mode: FakeTensorMode) -> None:
+    """Every parameter and buffer of `module` replaced by a fake tensor of its shape and dtype."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[name] = mode.from_tensor(b)
+
+
+def simulated(cfg: Config) -> tuple[Config, list[str]]:
+    """The configuration the fake step runs, and what is accounted instead of run."""
+    m, notes, over = cfg.memory, [], ["memory.deepspeed.stage=0", "memory.deepspeed.offload_optimizer=false",
+                                      "memory.deepspeed.offload_params=false", "optim.bits=32",
+                                      "memory.compile_convs=false", "memory.fused_upsample_backend=torch"]
+    if m.precision == "bf16_weights":
+        over.append("memory.precision=bf16")
+        notes.append("bf16 weights: run as bf16 autocast, weights and gradients accounted at 2 bytes plus fp32 masters")
+    if cfg.optim.bits == 8:
+        notes.append("8-bit states: accounted (1 byte per value + a float32 scale per 256, tensors >= 4096 values)")
+    if m.deepspeed.stage:
+        notes.append(f"ZeRO-{m.deepspeed.stage}: accounted" + (" (optimizer states on the host)"
+                                                                if m.deepspeed.offload_optimizer else ""))
+    if m.compile_convs:
+        notes.append("compiled conv units: predicted as eager (fusion saves temporaries only)")
+    return with_overrides(without_initial_weights(cfg), over), notes
+
+
+def forecast(cfg: Config, label: str = "") -> Forecast:
+    """The predicted peak of one training iteration of `cfg` (one micro-batch's forward and
+    backward, then the optimizer step, with the states of an earlier step alive)."""
+    start = time.time()
+    sim, notes = simulated(cfg)
+    torch.manual_seed(0)
+    module, _ = build_for_training(sim)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _fake_module(module, mode)
+    optimizer = build_optimizer(module.model, sim.optim)
+    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if sim.memory.precision == "bf16" else contextlib.nullcontext
+    mb, crop, classes = cfg.train.micro_batch, cfg.data.crop, cfg.data.num_classes
+    # the matmul upsample backward builds its interpolation matrices from index arithmetic, which
+    # fake tensors cannot run: a matrix of the same shape and dtype holds the same memory
+    shape_only = mock.patch.object(decoder, "bilinear_matrix",
+                                   lambda out, inp, device, dtype: torch.zeros(out, inp, device=device, dtype=dtype))
+    with mode, shape_only:
+        images = torch.randn(mb, 3, crop, crop)
+        labels = torch.randint(0, classes, (mb, crop, crop))
+
+        def forward_backward() -> None:
+            with autocast():
+                loss, _ = module(images, labels)
+            loss.backward()
+
+        def optimizer_step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        forward_backward()
+        optimizer_step()  # the states exist from here on, as in every step but the first
+        found = breakdown_step(module, optimizer, forward_backward, optimizer_step)
+    categories = dict(found.categories)
+    allocated = found.peak + _accounted(cfg, module, categories)
+    return Forecast(label or cfg.name, mb, allocated, categories, time.time() - start, notes)
+
+
+def _accounted(cfg: Config, module: torch.nn.Module, categories: dict[str, float]) -> float:
+    """GiB to add to the computed peak (negative: to remove) for what the fake step did not run;
+    updates `categories` to match."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    ds, delta = cfg.memory.deepspeed, 0.0
+    states = categories.get("optimizer", 0.0)
+    if cfg.optim.bits == 8 and not ds.offload_optimizer:
+        per_value = {"sgd": 1, "adamw": 2}[cfg.optim.name]
+        # per state: a uint8 per value, a float32 scale per block, a 256-entry float32 code book
+        eight = sum((p.numel() + math.ceil(p.numel() / BNB_BLOCK) * 4 + 1024) * per_value if p.numel() >= BNB_MIN
+                    else p.numel() * 4 * per_value for p in params) / GIB
+        delta += eight - states
+        categories["optimizer"] = eight
+    if ds.stage and ds.offload_optimizer:
+        delta -= categories.get("optimizer", 0.0)
+        categories["optimizer"] = 0.0
+    if ds.stage == 3 and ds.offload_params:  # the GPU holds only the layers in use (prefetch buckets: not counted)
+        delta -= categories.get("params", 0.0) + categories.get("grads", 0.0)
+        categories["params"] = categories["grads"] = 0.0
+    if cfg.memory.precision == "bf16_weights":
+        half = sum(p.numel() for p in params) * 2 / GIB
+        masters = 0.0 if ds.offload_optimizer else 2 * half  # fp32 copies of the bf16 weights
+        delta += (half - categories.get("params", 0.0)) + (half - categories.get("grads", 0.0)) + masters
+        categories["params"], categories["grads"] = half, half
+        categories["optimizer"] = categories.get("optimizer", 0.0) + masters
+    return delta
+
+
+def report(cfg: Config, cards: list[float]) -> str:
+    f = forecast(cfg)
+    cats = ", ".join(f"{k} {v:.2f}" for k, v in f.categories.items() if v > 0.0005)
+    lines = [f"{cfg.name}, micro-batch {f.micro_batch}: predicted peak {f.allocated:.2f} GiB allocated ({cats}; GiB), "
+             f"in {f.seconds:.1f} s on fake tensors"]
+    lines += [f"  {n}" for n in f.notes]
+    lines += [f"  {c:g} GB card: " + ("fits" if f.fits(c) else "does not fit") +
+              f" (allocated x 1.4 = {1.4 * f.allocated:.1f} GiB: reserved and CUDA's share estimated)" for c in cards]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m setr_lowmem.forecast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True)
+    parser.add_argument("--cards", type=float, nargs="+", default=[8, 12, 16, 24])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    from setr_lowmem.cli import run_main
+
+    run_main(lambda: print(report(load_config(args.cfg, args.overrides), args.cards)))
+
+
+if __name__ == "__main__":
+    main()

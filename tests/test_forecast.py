@@ -1,0 +1,36 @@
+"""The memory forecast: training's step on fake tensors under the same tracker equals the real step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from setr_lowmem.commands.benchmark import row_overrides
+from setr_lowmem.config import load_config
+from setr_lowmem.forecast import forecast
+from setr_lowmem.measure import benchmark_overrides, measure
+
+
+# rows of benchmarks/memory.py: the plain step, checkpointing with recomputation, the decoder
+# rewrites (the matmul backward's matrices and the fused loss's bands under fake tensors) and the
+# accounted 8-bit states
+@pytest.mark.parametrize("row", ["naive", "head+loss", "matmul upsample bwd", "8-bit SGD"])
+def test_the_forecast_equals_the_tracked_peak_of_the_real_step(row):
+    cfg = load_config("pup_ade20k", benchmark_overrides([], False) + row_overrides(row, False)
+                      + ["train.micro_batch=2", "train.total_batch=2"])
+    predicted = forecast(cfg)
+    measured = measure(cfg, label=row, steps=2, device=torch.device("cpu"))
+    assert predicted.allocated == pytest.approx(measured.allocated, rel=0.02), (predicted, measured.allocated)
+    if row != "8-bit SGD":  # computed, not accounted: the same tracker sees the same tensors
+        assert predicted.allocated == pytest.approx(measured.allocated, rel=1e-3)
+
+
+def test_accounted_techniques_move_the_forecast_the_documented_way():
+    base = load_config("pup_ade20k", benchmark_overrides([], False) + ["train.micro_batch=1", "train.total_batch=1"])
+    plain = forecast(base)
+    from setr_lowmem.config import with_overrides
+
+    offload = forecast(with_overrides(base, ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]))
+    assert offload.categories["optimizer"] == 0.0 and offload.allocated < plain.allocated
+    assert plain.allocated - offload.allocated == pytest.approx(plain.categories["optimizer"], rel=1e-6)
+    assert any("ZeRO-2" in n for n in offload.notes)
