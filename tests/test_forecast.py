@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from setr_lowmem.commands.benchmark import row_overrides
-from setr_lowmem.config import load_config
+from setr_lowmem.config import load_config, with_overrides
 from setr_lowmem.forecast import forecast
 from setr_lowmem.measure import benchmark_overrides, measure
 
 
-# rows of benchmarks/memory.py: the plain step, checkpointing with recomputation, the decoder
-# rewrites (the matmul backward's matrices and the fused loss's bands under fake tensors) and the
-# accounted 8-bit states
-@pytest.mark.parametrize("row", ["naive", "head+loss", "matmul upsample bwd", "8-bit SGD"])
+# rows of benchmarks/memory.py: checkpointing with recomputation; then every CPU lever at once (the
+# decoder rewrites: the matmul backward's matrices and the fused loss's bands under fake tensors)
+# with the accounted 8-bit states
+@pytest.mark.parametrize("row", ["head+loss", "8-bit SGD"])
 def test_the_forecast_equals_the_tracked_peak_of_the_real_step(row):
     cfg = load_config("pup_ade20k", benchmark_overrides([], False) + row_overrides(row, False)
                       + ["train.micro_batch=2", "train.total_batch=2"])
@@ -23,13 +23,14 @@ def test_the_forecast_equals_the_tracked_peak_of_the_real_step(row):
     assert predicted.allocated == pytest.approx(measured.allocated, rel=0.02), (predicted, measured.allocated)
     if row != "8-bit SGD":  # computed, not accounted: the same tracker sees the same tensors
         assert predicted.allocated == pytest.approx(measured.allocated, rel=1e-3)
+    else:  # the accounted 8-bit states against bitsandbytes' real ones (0.425 vs 0.397 MiB on this tiny
+        # model, where the code books and small tensors weigh most), not the fp32 momentum (4x more)
+        assert predicted.categories["optimizer"] == pytest.approx(measured.categories["optimizer"], rel=0.1)
 
 
 def test_accounted_techniques_move_the_forecast_the_documented_way():
     base = load_config("pup_ade20k", benchmark_overrides([], False) + ["train.micro_batch=1", "train.total_batch=1"])
     plain = forecast(base)
-    from setr_lowmem.config import with_overrides
-
     offload = forecast(with_overrides(base, ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]))
     assert offload.categories["optimizer"] == 0.0 and offload.allocated < plain.allocated
     assert plain.allocated - offload.allocated == pytest.approx(plain.categories["optimizer"], rel=1e-6)
