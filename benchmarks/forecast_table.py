@@ -16,10 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
-from setr_lowmem.config import load_config  # noqa: E402
+from setr_lowmem.config import PAPER_CONFIGS, load_config  # noqa: E402
 from setr_lowmem.forecast import forecast  # noqa: E402
 
-PAPER = [f"{d}_{s}" for s in ("ade20k", "cityscapes", "pascal_context") for d in ("naive", "pup", "mla")]
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     rows = []
-    for name in PAPER:
+    for name in PAPER_CONFIGS:
         f = forecast(load_config(name, list(args.overrides)))
         rows.append({"config": name, "micro_batch": f.micro_batch, "allocated": f.allocated,
                      "categories": f.categories, "seconds": f.seconds, "notes": f.notes,

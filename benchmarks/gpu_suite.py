@@ -40,7 +40,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PAPER = [f"{d}_{s}" for s in ("ade20k", "cityscapes", "pascal_context") for d in ("naive", "pup", "mla")]
 TINY = ["model.embed_dim=64", "model.depth=4", "model.num_heads=4", "model.out_indices=[0,1,2,3]",
         "model.head_channels=32", "model.mla_channels=32", "data.crop=64", "data.base_scale=[128,64]",
         "eval.crop=64", "eval.stride=48", "train.total_batch=4", "train.micro_batch=4"]
@@ -160,10 +159,10 @@ def run_summary(name: str, run_dir: Path, proc: subprocess.CompletedProcess, bat
 
 
 def stage_paper(s: Suite) -> None:
-    from setr_lowmem.config import load_config, with_overrides
+    from setr_lowmem.config import PAPER_CONFIGS, load_config, with_overrides
 
     rows = []
-    for name in PAPER:
+    for name in PAPER_CONFIGS:
         if s.left() < 30:
             rows.append({"config": name, "exit": None, "error": "skipped: out of time (run --stages paper again)"})
             continue
@@ -190,9 +189,10 @@ def write_paper(s: Suite, rows: list[dict]) -> None:
     for r in rows:
         m = r.get("mem", {})
         loss = f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}" if "loss_first" in r else r.get("error", "-")
-        lines.append(f"| {r['config']} | {r['exit']} | {loss} | {r.get('img_s', '-')} | "
-                     f"{100 * r['data_wait']:.0f}% | " if "data_wait" in r else f"| {r['config']} | {r['exit']} | {loss} | - | - | ")
-        lines[-1] += " | ".join(_gib(m.get(k)) for k in ("reserved", "device", "host_rss")) + f" | {r.get('verdict', '-')} |"
+        wait = f"{100 * r['data_wait']:.0f}%" if "data_wait" in r else "-"
+        cells = [r["config"], r["exit"], loss, r.get("img_s", "-"), wait,
+                 *(_gib(m.get(k)) for k in ("reserved", "device", "host_rss")), r.get("verdict", "-")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     s.path("paper", "md").write_text("\n".join(lines) + "\n")
 
 

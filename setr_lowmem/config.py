@@ -24,6 +24,8 @@ from pydantic.dataclasses import dataclass
 from setr_lowmem.errors import SetrError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; configs/ at the top links here
+# the paper's nine: every decoder on every dataset
+PAPER_CONFIGS = [f"{d}_{s}" for s in ("ade20k", "cityscapes", "pascal_context") for d in ("naive", "pup", "mla")]
 
 # allow_inf_nan=False: every float of a config is finite (a NaN learning rate trains NaN weights)
 _STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, allow_inf_nan=False)
