@@ -58,14 +58,19 @@ class Forecast:
 
 
 def _fake_module(module: torch.nn.Module, mode: FakeTensorMode) -> None:
-    """Every parameter and buffer of `module` replaced by a fake tensor of its shape and dtype."""
+    """Every parameter and buffer of `module` (built on the meta device: no memory, no initialisation)
+    replaced by a fake CPU tensor of its shape and dtype."""
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        with mode:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
-                sub._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+                sub._parameters[name] = torch.nn.Parameter(fake(p), requires_grad=p.requires_grad)
         for name, b in list(sub._buffers.items()):
             if b is not None:
-                sub._buffers[name] = mode.from_tensor(b)
+                sub._buffers[name] = fake(b)
 
 
 def simulated(cfg: Config) -> tuple[Config, list[str]]:
@@ -92,7 +97,8 @@ def forecast(cfg: Config, label: str = "") -> Forecast:
     start = time.time()
     sim, notes = simulated(cfg)
     torch.manual_seed(0)
-    module, _ = build_for_training(sim)
+    with torch.device("meta"):
+        module, _ = build_for_training(sim)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     _fake_module(module, mode)
     optimizer = build_optimizer(module.model, sim.optim)
@@ -115,8 +121,12 @@ def forecast(cfg: Config, label: str = "") -> Forecast:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        forward_backward()
-        optimizer_step()  # the states exist from here on, as in every step but the first
+        # the optimizer's states exist from the first step on: one step on zero gradients makes them
+        # (the same tensors a warm-up forward and backward would leave, in a fraction of the time)
+        for p in module.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        optimizer_step()
         found = breakdown_step(module, optimizer, forward_backward, optimizer_step)
     categories = dict(found.categories)
     allocated = found.peak + _accounted(cfg, module, categories)

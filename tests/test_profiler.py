@@ -41,6 +41,22 @@ def test_categories_add_up_to_the_measured_total():
     assert bd.peak == pytest.approx(independent, rel=0.15), (bd.peak, independent)
 
 
+def test_the_root_only_tracker_reports_what_the_stock_tracker_does(monkeypatch):
+    """breakdown_step's tracker skips the submodules' peaks (speed); its results equal MemTracker's."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from setr_lowmem import profiler
+
+    step = build_step(cfg("memory.precision=fp32", "memory.checkpointing=blocks"), torch.device("cpu"))
+    step()
+    fast = breakdown_step(step.module, step.optimizer, step.forward_backward, step.optimizer_step)
+    assert type(profiler._root_tracker(step.module)) is not MemTracker  # the override is in use
+    monkeypatch.setattr(profiler, "_root_tracker", lambda root: MemTracker())
+    stock = breakdown_step(step.module, step.optimizer, step.forward_backward, step.optimizer_step)
+    assert fast.peak == stock.peak and fast.categories == stock.categories
+    assert fast.phases == stock.phases and fast.phases["backward"]["total"] > 0
+
+
 def test_checkpointing_shrinks_the_activation_category():
     plain = ["memory.classifier_first=false", "memory.fused_upsample_loss=false"]  # checkpointing alone
     none = measure(cfg("memory.checkpointing=none", *plain), steps=2)
