@@ -10,8 +10,8 @@ profiler and the benchmark use on real tensors. What is computed, and what is ac
 
 - computed: parameters, gradients, SGD/AdamW states, activations and temporaries, for every
   checkpointing policy (recomputation included), bf16 autocast (the CPU's autocast rules),
-  the decoder rewrites (the fused loss in its PyTorch form; the Triton kernels, which have no
-  fake implementation, keep the same tensors alive: one log-sum-exp per pixel, no full logits);
+  the decoder rewrites (the fused loss's Triton kernels through their operators' fake
+  implementations, `memory.fused_ce_op`; its PyTorch bands as they run);
 - accounted from documented byte counts: bitsandbytes' 8-bit states (one byte per value, a
   float32 scale per 256 and a 256-entry code book, for tensors of 4096 values or more), ZeRO-2's offloaded optimizer
   (its states and fp32 master copies leave the GPU) and bf16 weights;
@@ -73,11 +73,18 @@ def _fake_module(module: torch.nn.Module, mode: FakeTensorMode) -> None:
                 sub._buffers[name] = fake(b)
 
 
-def simulated(cfg: Config) -> tuple[Config, list[str]]:
-    """The configuration the fake step runs, and what is accounted instead of run."""
+def simulated(cfg: Config, cuda: bool = True) -> tuple[Config, list[str]]:
+    """The configuration the fake step runs, and what is accounted instead of run. `cuda`: predict
+    the step a GPU runs (the fused loss's 'auto' backend is Triton there), else the CPU's."""
     m, notes, over = cfg.memory, [], ["memory.deepspeed.stage=0", "memory.deepspeed.offload_optimizer=false",
                                       "memory.deepspeed.offload_params=false", "optim.bits=32",
-                                      "memory.compile_convs=false", "memory.fused_upsample_backend=torch"]
+                                      "memory.compile_convs=false"]
+    if m.fused_upsample_loss:
+        backend = "triton" if m.fused_upsample_backend == "triton" or (cuda and m.fused_upsample_backend == "auto") \
+            else "torch"
+        over.append(f"memory.fused_upsample_backend={backend}")
+        notes.append("fused loss: " + ("the Triton operators' fake kernels (same outputs and temporaries)"
+                                       if backend == "triton" else "PyTorch bands"))
     if m.precision == "bf16_weights":
         over.append("memory.precision=bf16")
         notes.append("bf16 weights: run as bf16 autocast, weights and gradients accounted at 2 bytes plus fp32 masters")
@@ -91,11 +98,12 @@ def simulated(cfg: Config) -> tuple[Config, list[str]]:
     return with_overrides(without_initial_weights(cfg), over), notes
 
 
-def forecast(cfg: Config, label: str = "") -> Forecast:
+def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
     """The predicted peak of one training iteration of `cfg` (one micro-batch's forward and
-    backward, then the optimizer step, with the states of an earlier step alive)."""
+    backward, then the optimizer step, with the states of an earlier step alive), on a GPU (`cuda`)
+    or on the CPU."""
     start = time.time()
-    sim, notes = simulated(cfg)
+    sim, notes = simulated(cfg, cuda)
     torch.manual_seed(0)
     with torch.device("meta"):
         module, _ = build_for_training(sim)

@@ -11,14 +11,14 @@ from setr_lowmem.forecast import forecast
 from setr_lowmem.measure import benchmark_overrides, measure
 
 
-# rows of benchmarks/memory.py: checkpointing with recomputation; then every CPU lever at once (the
+# rows of benchmarks/memory.py: checkpointing with recomputation; every CPU lever at once (the
 # decoder rewrites: the matmul backward's matrices and the fused loss's bands under fake tensors)
 # with the accounted 8-bit states
 @pytest.mark.parametrize("row", ["head+loss", "8-bit SGD"])
 def test_the_forecast_equals_the_tracked_peak_of_the_real_step(row):
     cfg = load_config("pup_ade20k", benchmark_overrides([], False) + row_overrides(row, False)
                       + ["train.micro_batch=2", "train.total_batch=2"])
-    predicted = forecast(cfg)
+    predicted = forecast(cfg, cuda=False)
     measured = measure(cfg, label=row, steps=2, device=torch.device("cpu"))
     assert predicted.allocated == pytest.approx(measured.allocated, rel=0.02), (predicted, measured.allocated)
     if row != "8-bit SGD":  # computed, not accounted: the same tracker sees the same tensors
@@ -30,8 +30,35 @@ def test_the_forecast_equals_the_tracked_peak_of_the_real_step(row):
 
 def test_accounted_techniques_move_the_forecast_the_documented_way():
     base = load_config("pup_ade20k", benchmark_overrides([], False) + ["train.micro_batch=1", "train.total_batch=1"])
-    plain = forecast(base)
-    offload = forecast(with_overrides(base, ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]))
+    plain = forecast(base, cuda=False)
+    offload = forecast(with_overrides(base, ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]),
+                       cuda=False)
     assert offload.categories["optimizer"] == 0.0 and offload.allocated < plain.allocated
     assert plain.allocated - offload.allocated == pytest.approx(plain.categories["optimizer"], rel=1e-6)
     assert any("ZeRO-2" in n for n in offload.notes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_loss_operators_fake_kernels_hold_what_the_real_kernels_hold(dtype):
+    """The fused loss's Triton kernels (real, under Triton's CPU interpreter) and their operators'
+    fake implementations: the same tensors, seen by the same tracker, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from setr_lowmem.memory.decoder import upsample_cross_entropy
+
+    def peak() -> tuple[dict, tuple]:
+        low = torch.randn(2, 19, 12, 10, dtype=dtype).requires_grad_()
+        labels = torch.randint(0, 19, (2, 48, 40))
+        labels[:, :5] = 255
+        tracker = MemTracker()
+        with tracker:
+            loss = upsample_cross_entropy(low, labels, avg_non_ignore=True, backend="triton")
+            loss.backward()
+        (snap,) = tracker.get_tracker_snapshot("peak").values()
+        return {getattr(k, "value", k): v for k, v in snap.items()}, (low.grad.shape, low.grad.dtype, loss.dtype)
+
+    real = peak()
+    with FakeTensorMode():
+        fake = peak()
+    assert fake == real and real[0]["Total"] > 2 * 48 * 40 * 4  # at least the log-sum-exp per output pixel

@@ -31,6 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from setr_lowmem.config import LossConfig
 from setr_lowmem.model.heads import MLAHead, UpHead, Upsample
@@ -198,7 +199,10 @@ BAND_PIXELS = 2**15
 
 
 def triton_usable(low: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
+    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (TRITON_INTERPRET=1); a
+    fake tensor (the memory forecast) runs the operators' fake implementations, Triton or not."""
+    if isinstance(low, FakeTensor):
+        return True
     if importlib.util.find_spec("triton") is None:
         return False
     return low.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -220,9 +224,9 @@ def upsample_cross_entropy(low: torch.Tensor, labels: torch.Tensor, ignore_index
         if not triton_usable(low):
             raise RuntimeError("memory.fused_upsample_backend is 'triton', but Triton is not installed or the "
                                "logits are not on a CUDA device (on the CPU, set TRITON_INTERPRET=1)")
-        from setr_lowmem.memory.fused_ce_triton import TritonUpsampleCrossEntropy
+        from setr_lowmem.memory.fused_ce_op import triton_upsample_cross_entropy
 
-        return TritonUpsampleCrossEntropy.apply(low, labels, ignore_index, denom.float()).to(denom.dtype)
+        return triton_upsample_cross_entropy(low, labels, ignore_index, denom.float()).to(denom.dtype)
     rows = max(1, math.ceil((band_pixels or BAND_PIXELS) / labels.shape[-1]))
     if rows >= labels.shape[-2]:  # one band is the whole image: the plain ops are the same and cheaper
         return seg_cross_entropy(low, labels, ignore_index, avg_non_ignore)

@@ -144,34 +144,26 @@ def _window(scale: float) -> int:
     return math.ceil(2.0 / scale) + 3
 
 
-class TritonUpsampleCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `low` upsampled to `labels`' size, divided by `denom`. Saves the
-    low-resolution logits and one float per output pixel (the log-sum-exp)."""
+def forward(low: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss of `low` upsampled to `labels`' size, as float32; log-sum-exp per output pixel)."""
+    n, c, h_in, w_in = low.shape
+    h_out, w_out = labels.shape[-2:]
+    loss = torch.empty((n, h_out * w_out), device=low.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    grid = (n, triton.cdiv(h_out * w_out, FORWARD["BLOCK_P"]))
+    _forward_kernel[grid](low, labels, loss, lse, c, h_in, w_in, h_out, w_out, *low.stride(), h_in / h_out,
+                          w_in / w_out, ignore_index, **FORWARD)
+    return loss.sum(), lse
 
-    @staticmethod
-    def forward(ctx, low, labels, ignore_index, denom):
-        n, c, h_in, w_in = low.shape
-        h_out, w_out = labels.shape[-2:]
-        labels = labels.contiguous()
-        loss = torch.empty((n, h_out * w_out), device=low.device, dtype=torch.float32)
-        lse = torch.empty_like(loss)
-        scale_h, scale_w = h_in / h_out, w_in / w_out
-        grid = (n, triton.cdiv(h_out * w_out, FORWARD["BLOCK_P"]))
-        _forward_kernel[grid](low, labels, loss, lse, c, h_in, w_in, h_out, w_out, *low.stride(), scale_h, scale_w,
-                              ignore_index, **FORWARD)
-        ctx.save_for_backward(low, labels, lse, denom)
-        ctx.ignore_index = ignore_index
-        return loss.sum() / denom
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        low, labels, lse, denom = ctx.saved_tensors
-        n, c, h_in, w_in = low.shape
-        h_out, w_out = labels.shape[-2:]
-        scale_h, scale_w = h_in / h_out, w_in / w_out
-        gscale = (grad_out / denom).float().reshape(1)
-        grad = torch.empty((n, c, h_in, w_in), device=low.device, dtype=torch.float32)
-        grid = (n, triton.cdiv(h_in * w_in, BACKWARD["BLOCK_Q"]), triton.cdiv(c, BACKWARD["BLOCK_C"]))
-        _backward_kernel[grid](low, labels, lse, gscale, grad, c, h_in, w_in, h_out, w_out, *low.stride(),
-                               scale_h, scale_w, ctx.ignore_index, _window(scale_h), _window(scale_w), **BACKWARD)
-        return grad.to(low.dtype), None, None, None
+def backward(low: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, gscale: torch.Tensor,
+             ignore_index: int) -> torch.Tensor:
+    """The float32 gradient of `gscale` x the summed loss with respect to `low`."""
+    n, c, h_in, w_in = low.shape
+    h_out, w_out = labels.shape[-2:]
+    scale_h, scale_w = h_in / h_out, w_in / w_out
+    grad = torch.empty((n, c, h_in, w_in), device=low.device, dtype=torch.float32)
+    grid = (n, triton.cdiv(h_in * w_in, BACKWARD["BLOCK_Q"]), triton.cdiv(c, BACKWARD["BLOCK_C"]))
+    _backward_kernel[grid](low, labels, lse, gscale, grad, c, h_in, w_in, h_out, w_out, *low.stride(),
+                           scale_h, scale_w, ignore_index, _window(scale_h), _window(scale_w), **BACKWARD)
+    return grad
