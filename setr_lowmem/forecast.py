@@ -15,9 +15,9 @@ profiler and the benchmark use on real tensors. What is computed, and what is ac
 - accounted from documented byte counts: bitsandbytes' 8-bit states (one byte per value, a
   float32 scale per 256 and a 256-entry code book, for tensors of 4096 values or more), ZeRO-2's offloaded optimizer
   (its states and fp32 master copies leave the GPU) and bf16 weights;
-- not predicted: the CUDA context and library workspaces, and the allocator's rounding: what
-  the card must hold on top is taken from measurements (`shared/reference-measurements.md`:
-  reserved was 1.07 to 1.40 times allocated there) until the GPU suite measures it.
+- added as constants with their source (`Overheads`): cuBLAS's and cuBLASLt's workspaces (in
+  the allocated figure: PyTorch takes them from its caching allocator), the allocator's reserve
+  over allocated (measured ratios of `setr_lowmem.reference`), and the CUDA context (device-level).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from setr_lowmem import reference
 from setr_lowmem.config import Config, load_config, with_overrides, without_initial_weights
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder
@@ -42,19 +43,51 @@ BNB_MIN = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits
 BNB_BLOCK = 256  # values per float32 scale of a blockwise 8-bit state
 
 
+@dataclass(frozen=True)
+class Overheads:
+    """What the card holds beyond the tensors of the step, with where each figure comes from."""
+
+    workspaces: float = 2 * 32 / 1024  # GiB: cuBLAS and cuBLASLt, 32 MiB each on Hopper (PyTorch #120925;
+    # 4 MiB or less on older cards), taken from the caching allocator: part of the allocated peak
+    reserved: float = max(reference.reserved_ratios(expandable=True))  # reserved / allocated with expandable
+    # segments (the toolkit's allocator setting): the reference's one such row, 18.23 / 16.38
+    reserved_high: float = max(reference.reserved_ratios(expandable=False))  # the worst ratio measured
+    # without them (23.51 -> 34.18 GiB): the bound a "fits" verdict keeps to
+    reserved_deepspeed: float = max(reference.reserved_ratios(deepspeed=True))  # ZeRO rows: 1.00 to 1.01
+    context: float = 0.5  # GiB outside PyTorch's allocator (CUDA context, loaded kernels): ~0.3 GiB with
+    # CUDA's lazy loading (PyTorch #107667) plus the kernels a training step loads; an estimate until
+    # the GPU suite measures device-level minus reserved
+
+
+OVERHEADS = Overheads()
+
+
 @dataclass
 class Forecast:
     label: str
     micro_batch: int
-    allocated: float  # GiB, the predicted peak allocated on the device
+    allocated: float  # GiB, the predicted peak allocated on the device (workspaces included)
     categories: dict[str, float]  # GiB at the peak, after accounting
     seconds: float
     notes: list[str] = field(default_factory=list)
+    deepspeed: bool = False
 
-    def fits(self, card_gib: float, overhead: float = 1.4) -> bool:
-        """Whether a card of `card_gib` holds the peak with the allocator's and CUDA's share on top
-        (`overhead` x allocated: the highest reserved/allocated ratio of the reference measurements)."""
-        return self.allocated * overhead <= card_gib
+    def reserved(self, high: bool = False) -> float:
+        """Estimated peak reserved (GiB); `high`: the bound from the worst measured ratio."""
+        o = OVERHEADS
+        ratio = o.reserved_deepspeed if self.deepspeed else o.reserved_high if high else o.reserved
+        return self.allocated * ratio
+
+    def device(self, high: bool = False) -> float:
+        """Estimated device-level peak (GiB): reserved plus what lives outside PyTorch's allocator."""
+        return self.reserved(high) + OVERHEADS.context
+
+    def verdict(self, card_gib: float) -> str:
+        """'fits' (even at the worst measured reserve), 'likely' (at the expected one) or 'no'."""
+        return "fits" if self.device(True) <= card_gib else "likely" if self.device() <= card_gib else "no"
+
+    def fits(self, card_gib: float) -> bool:
+        return self.verdict(card_gib) != "no"
 
 
 def _fake_module(module: torch.nn.Module, mode: FakeTensorMode) -> None:
@@ -138,7 +171,11 @@ def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
         found = breakdown_step(module, optimizer, forward_backward, optimizer_step)
     categories = dict(found.categories)
     allocated = found.peak + _accounted(cfg, module, categories)
-    return Forecast(label or cfg.name, mb, allocated, categories, time.time() - start, notes)
+    if cuda:
+        categories["workspaces"] = OVERHEADS.workspaces
+        allocated += OVERHEADS.workspaces
+    return Forecast(label or cfg.name, mb, allocated, categories, time.time() - start, notes,
+                    deepspeed=cfg.memory.deepspeed.stage > 0)
 
 
 def _accounted(cfg: Config, module: torch.nn.Module, categories: dict[str, float]) -> float:
@@ -173,10 +210,12 @@ def report(cfg: Config, cards: list[float]) -> str:
     f = forecast(cfg)
     cats = ", ".join(f"{k} {v:.2f}" for k, v in f.categories.items() if v > 0.0005)
     lines = [f"{cfg.name}, micro-batch {f.micro_batch}: predicted peak {f.allocated:.2f} GiB allocated ({cats}; GiB), "
-             f"in {f.seconds:.1f} s on fake tensors"]
+             f"in {f.seconds:.1f} s on fake tensors",
+             f"  estimated: {f.reserved():.2f} GiB reserved ({f.reserved(True):.2f} at the worst measured ratio), "
+             f"{f.device():.2f} GiB on the device ({f.device(True):.2f})"]
     lines += [f"  {n}" for n in f.notes]
-    lines += [f"  {c:g} GB card: " + ("fits" if f.fits(c) else "does not fit") +
-              f" (allocated x 1.4 = {1.4 * f.allocated:.1f} GiB: reserved and CUDA's share estimated)" for c in cards]
+    says = {"fits": "fits", "likely": "likely fits (not at the worst measured reserve)", "no": "does not fit"}
+    lines += [f"  {c:g} GB card: {says[f.verdict(c)]}" for c in cards]
     return "\n".join(lines)
 
 
