@@ -17,7 +17,7 @@ from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
 from setr_lowmem.config import PAPER_CONFIGS, load_config  # noqa: E402
-from setr_lowmem.forecast import forecast  # noqa: E402
+from setr_lowmem.forecast import OVERHEADS, forecast  # noqa: E402
 
 
 
@@ -31,21 +31,25 @@ def main() -> None:
     for name in PAPER_CONFIGS:
         f = forecast(load_config(name, list(args.overrides)))
         rows.append({"config": name, "micro_batch": f.micro_batch, "allocated": f.allocated,
+                     "reserved": f.reserved(), "device": f.device(), "device_high": f.device(True),
                      "categories": f.categories, "seconds": f.seconds, "notes": f.notes,
-                     "fits": {str(c): f.fits(c) for c in args.cards}})
+                     "verdict": {str(c): f.verdict(c) for c in args.cards}})
         print(f"{name}: {f.allocated:.2f} GiB predicted at micro-batch {f.micro_batch} ({f.seconds:.0f} s)", flush=True)
     date = datetime.date.today().isoformat()
-    head = "| config | micro-batch | predicted peak allocated GiB | params | grads | optimizer | activations | temporaries | " \
-           + " | ".join(f"{c:g} GB" for c in args.cards) + " |"
+    head = ("| config | micro-batch | predicted peak allocated GiB | params | grads | optimizer | activations | "
+            "temporaries | est. reserved | est. device-level | " + " | ".join(f"{c:g} GB" for c in args.cards) + " |")
     lines = [f"# Forecast of the paper configs as configured (predicted on fake tensors, not measured), {date}", "",
-             "A card holds a config when 1.4 x the predicted peak allocated fits it (the highest reserved/allocated "
-             "ratio of shared/reference-measurements.md, for the allocator and the CUDA context).", "", head,
-             "|" + "---|" * (8 + len(args.cards))]
+             ("Allocated: the fake step's peak, accounted techniques and cuBLAS workspaces included. Reserved: x "
+              f"{OVERHEADS.reserved:.3f} (the reference's expandable-segments row); device-level: + "
+              f"{OVERHEADS.context:g} GiB of CUDA context (estimated). A card column says 'fits' when even the "
+              f"worst measured reserve (x {OVERHEADS.reserved_high:.3f}) fits, 'likely' when the expected one does."),
+             "", head, "|" + "---|" * (10 + len(args.cards))]
     for r in rows:
         c = r["categories"]
         lines.append(f"| {r['config']} | {r['micro_batch']} | {r['allocated']:.2f} | " + " | ".join(
-            f"{c.get(k, 0.0):.2f}" for k in ("params", "grads", "optimizer", "activations", "temporaries")) + " | "
-            + " | ".join("fits" if r["fits"][str(x)] else "no" for x in args.cards) + " |")
+            f"{c.get(k, 0.0):.2f}" for k in ("params", "grads", "optimizer", "activations", "temporaries"))
+            + f" | {r['reserved']:.2f} | {r['device']:.2f} | " + " | ".join(r["verdict"][str(x)] for x in args.cards)
+            + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"forecast_{date}.md").write_text("\n".join(lines) + "\n")

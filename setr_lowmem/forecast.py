@@ -134,9 +134,28 @@ def simulated(cfg: Config, cuda: bool = True) -> tuple[Config, list[str]]:
 def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
     """The predicted peak of one training iteration of `cfg` (one micro-batch's forward and
     backward, then the optimizer step, with the states of an earlier step alive), on a GPU (`cuda`)
-    or on the CPU."""
+    or on the CPU. Configurations that differ only in what is accounted (8-bit states, ZeRO
+    offload) share one fake step."""
     start = time.time()
     sim, notes = simulated(cfg, cuda)
+    key = repr(sim)
+    if key not in _STEPS:
+        _STEPS[key] = _fake_step(sim)
+    peak, found, sizes = _STEPS[key]
+    categories = dict(found)
+    allocated = peak + _accounted(cfg, sizes, categories)
+    if cuda:
+        categories["workspaces"] = OVERHEADS.workspaces
+        allocated += OVERHEADS.workspaces
+    return Forecast(label or cfg.name, cfg.train.micro_batch, allocated, categories, time.time() - start, notes,
+                    deepspeed=cfg.memory.deepspeed.stage > 0)
+
+
+_STEPS: dict[str, tuple[float, dict[str, float], list[int]]] = {}  # fake steps run in this process
+
+
+def _fake_step(sim: Config) -> tuple[float, dict[str, float], list[int]]:
+    """(peak GiB, categories at the peak, sizes of the trained parameters) of one tracked fake step."""
     torch.manual_seed(0)
     with torch.device("meta"):
         module, _ = build_for_training(sim)
@@ -144,7 +163,7 @@ def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
     _fake_module(module, mode)
     optimizer = build_optimizer(module.model, sim.optim)
     autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if sim.memory.precision == "bf16" else contextlib.nullcontext
-    mb, crop, classes = cfg.train.micro_batch, cfg.data.crop, cfg.data.num_classes
+    mb, crop, classes = sim.train.micro_batch, sim.data.crop, sim.data.num_classes
     # the matmul upsample backward builds its interpolation matrices from index arithmetic, which
     # fake tensors cannot run: a matrix of the same shape and dtype holds the same memory
     shape_only = mock.patch.object(decoder, "bilinear_matrix",
@@ -169,26 +188,19 @@ def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
                 p.grad = torch.zeros_like(p)
         optimizer_step()
         found = breakdown_step(module, optimizer, forward_backward, optimizer_step)
-    categories = dict(found.categories)
-    allocated = found.peak + _accounted(cfg, module, categories)
-    if cuda:
-        categories["workspaces"] = OVERHEADS.workspaces
-        allocated += OVERHEADS.workspaces
-    return Forecast(label or cfg.name, mb, allocated, categories, time.time() - start, notes,
-                    deepspeed=cfg.memory.deepspeed.stage > 0)
+    return found.peak, dict(found.categories), [p.numel() for p in module.parameters() if p.requires_grad]
 
 
-def _accounted(cfg: Config, module: torch.nn.Module, categories: dict[str, float]) -> float:
-    """GiB to add to the computed peak (negative: to remove) for what the fake step did not run;
-    updates `categories` to match."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def _accounted(cfg: Config, sizes: list[int], categories: dict[str, float]) -> float:
+    """GiB to add to the computed peak (negative: to remove) for what the fake step did not run
+    (`sizes`: the trained parameters' element counts); updates `categories` to match."""
     ds, delta = cfg.memory.deepspeed, 0.0
     states = categories.get("optimizer", 0.0)
     if cfg.optim.bits == 8 and not ds.offload_optimizer:
         per_value = {"sgd": 1, "adamw": 2}[cfg.optim.name]
         # per state: a uint8 per value, a float32 scale per block, a 256-entry float32 code book
-        eight = sum((p.numel() + math.ceil(p.numel() / BNB_BLOCK) * 4 + 1024) * per_value if p.numel() >= BNB_MIN
-                    else p.numel() * 4 * per_value for p in params) / GIB
+        eight = sum((n + math.ceil(n / BNB_BLOCK) * 4 + 1024) * per_value if n >= BNB_MIN
+                    else n * 4 * per_value for n in sizes) / GIB
         delta += eight - states
         categories["optimizer"] = eight
     if ds.stage and ds.offload_optimizer:
@@ -198,7 +210,7 @@ def _accounted(cfg: Config, module: torch.nn.Module, categories: dict[str, float
         delta -= categories.get("params", 0.0) + categories.get("grads", 0.0)
         categories["params"] = categories["grads"] = 0.0
     if cfg.memory.precision == "bf16_weights":
-        half = sum(p.numel() for p in params) * 2 / GIB
+        half = sum(sizes) * 2 / GIB
         masters = 0.0 if ds.offload_optimizer else 2 * half  # fp32 copies of the bf16 weights
         delta += (half - categories.get("params", 0.0)) + (half - categories.get("grads", 0.0)) + masters
         categories["params"], categories["grads"] = half, half

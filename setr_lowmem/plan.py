@@ -1,6 +1,7 @@
 """Auto-fit: choose the fastest memory plan that fits a budget, keeping the effective batch.
 
     python -m setr_lowmem.plan --cfg pup_ade20k.yaml --budget-gib 24
+    python -m setr_lowmem.plan --cfg pup_ade20k.yaml --predict --cards 8 12 16 24   (no GPU needed)
     python launch/train.py --cfg pup_ade20k.yaml --auto-fit 24
 
 A plan is a micro-batch (a divisor of `train.total_batch`; accumulation makes up the rest),
@@ -148,17 +149,54 @@ def auto_fit(cfg: Config, budget_gib: float, steps: int = 3, report=print) -> Co
     return apply_plan(cfg, plan)
 
 
+def predict(cfg: Config, cards: list[float], micro_batches: list[int] | None = None, report=print) -> list:
+    """Every plan (each technique set at each micro-batch, the config's by default) forecast on fake
+    tensors, no GPU needed (`setr_lowmem.forecast`); prints which fit each card. Returns (plan, forecast)s."""
+    from setr_lowmem.forecast import forecast
+
+    sizes = micro_batches or [cfg.train.micro_batch]
+    bad = [b for b in sizes if cfg.train.total_batch % b]
+    if bad:
+        raise ConfigError(f"--micro-batches {bad}: each must divide train.total_batch={cfg.train.total_batch}")
+    out, says = [], {"fits": "fits", "likely": "likely", "no": "-"}
+    report(f"{cfg.name}: predicted on fake tensors (no GPU used); 'likely': fits at the expected allocator "
+           "reserve, not at the worst measured one")
+    report(f"  {'plan':<66} {'allocated':>9} {'device':>7}  " + "  ".join(f"{c:>5g}G" for c in cards))
+    for mb in sizes:
+        for policy, bits, offload in technique_sets(cfg, cuda=True):
+            plan = Plan(mb, policy, bits, offload)
+            f = forecast(apply_plan(cfg, plan))
+            out.append((plan, f))
+            report(f"  {plan.describe(cfg):<66} {f.allocated:8.2f}G {f.device():6.2f}G  "
+                   + "  ".join(f"{says[f.verdict(c)]:>6}" for c in cards))
+    for c in cards:
+        first = next((plan for plan, f in out if f.fits(c)), None)
+        report(f"{c:g} GB card: " + (f"{first.describe(cfg)} (the first that fits, in the planner's order from "
+                                     "fastest to most frugal)" if first else "no plan is predicted to fit"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m setr_lowmem.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True)
-    parser.add_argument("--budget-gib", type=float, required=True)
+    parser.add_argument("--budget-gib", type=float, help="measure plans on this machine within this budget")
+    parser.add_argument("--predict", action="store_true",
+                        help="forecast every plan on fake tensors instead of measuring (no GPU needed)")
+    parser.add_argument("--cards", type=float, nargs="+", default=[8, 12, 16, 24], help="with --predict: card sizes, GB")
+    parser.add_argument("--micro-batches", type=int, nargs="+", help="with --predict: micro-batches (default: the config's)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     from setr_lowmem.cli import prepare_environment, run_main
 
     prepare_environment()
+    if args.predict:
+        run_main(lambda: predict(load_config(args.cfg, list(args.overrides) + ["model.pretrained="]), args.cards,
+                                 args.micro_batches))
+        return
+    if args.budget_gib is None:
+        parser.error("give --budget-gib (measure plans here) or --predict (forecast them)")
     if not torch.cuda.is_available():
         print("no GPU: measuring on the CPU (budget checked against PyTorch's MemTracker peak)")
 
