@@ -33,10 +33,8 @@ def reference_rows() -> list[dict]:
                                      f"train.micro_batch={r.micro_batch}",
                                      f"train.total_batch={r.micro_batch * r.accumulation}"])
         f = forecast(cfg, label=r.label)
-        out.append({"source": "shared/reference-measurements.md (H100, plain PyTorch)", "label": r.label,
-                    "config": r.config, "micro_batch": r.micro_batch, "predicted": f.allocated,
-                    "measured": r.allocated, "measured_reserved": r.reserved, "predicted_reserved": f.reserved(),
-                    "expandable": r.expandable, "categories": f.categories, "seconds": f.seconds})
+        out.append(compared("shared/reference-measurements.md (H100, plain PyTorch)", r.config, f, r.allocated,
+                            r.reserved, r.expandable))
         print(f"{r.label}, mb {r.micro_batch}: predicted {f.allocated:.2f} GiB, measured {r.allocated:.2f} "
               f"({f.seconds:.0f} s)", flush=True)
     return out
@@ -50,13 +48,19 @@ def suite_rows(results: Path) -> list[dict]:
             mem = row.get("mem") or {}  # the run's last logged peaks (MemoryMeter.measured)
             if not mem.get("allocated"):
                 continue
-            cfg = load_config(row["config"], ["model.pretrained="])
-            f = forecast(cfg)
-            out.append({"source": f"benchmarks/results/{path.name}", "label": row["config"], "config": row["config"],
-                        "micro_batch": cfg.train.micro_batch, "predicted": f.allocated, "measured": mem["allocated"],
-                        "measured_reserved": mem.get("reserved"), "predicted_reserved": f.reserved(),
-                        "expandable": True, "categories": f.categories, "seconds": f.seconds})
+            f = forecast(load_config(row["config"], ["model.pretrained="]))
+            out.append(compared(f"benchmarks/results/{path.name}", row["config"], f, mem["allocated"],
+                                mem.get("reserved"), True))
     return out
+
+
+def compared(source: str, config: str, f, measured: float, measured_reserved: float | None,
+             expandable: bool) -> dict:
+    """One row of the table: forecast `f` of `config` next to what `source` measured (GiB)."""
+    return {"source": source, "label": f.label, "config": config, "micro_batch": f.micro_batch,
+            "predicted": f.allocated, "measured": measured, "measured_reserved": measured_reserved,
+            "predicted_reserved": f.reserved(), "expandable": expandable, "categories": f.categories,
+            "seconds": f.seconds}
 
 
 def table(rows: list[dict]) -> list[str]:

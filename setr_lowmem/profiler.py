@@ -115,7 +115,7 @@ def _root_tracker(root: torch.nn.Module):
     """A MemTracker that keeps the per-phase peaks of `root` only. The stock tracker updates every
     submodule's peaks on every operator: a ViT-L's ~1,100 modules made one tracked full-size step
     take minutes (three quarters of a forecast's time), this one takes seconds; the totals and
-    `root`'s own states are the same (tests/test_forecast.py compares them with the stock tracker)."""
+    `root`'s own states are the same (tests/test_profiler.py compares them with the stock tracker)."""
     from copy import deepcopy
 
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# the reference's plain step in this toolkit's terms: every memory lever off
-PLAIN = ["memory.precision=fp32", "memory.attention=eager", "memory.checkpointing=none",
-         "memory.classifier_first=false", "memory.fused_upsample_loss=false", "memory.upsample_backward=stock",
-         "memory.channels_last=false", "memory.compile_convs=false", "optim.bits=32"]
+from setr_lowmem.config import benchmark_rows
+
+# the reference's plain step in this toolkit's terms: the benchmark's baseline row, every lever off
+PLAIN = benchmark_rows()[0][1]
 BF16_SDPA = ["memory.precision=bf16", "memory.attention=sdpa"]
 HEAD_LOSS = [*BF16_SDPA, "memory.checkpointing=full"]  # every block, and each head with its loss
 CLASSIFIER = [*HEAD_LOSS, "memory.classifier_first=true"]
