@@ -292,7 +292,8 @@ class MemoryConfig:
     """Backward of the heads' bilinear upsamples: PyTorch's (atomics) or two deterministic matrix products."""
     channels_last: bool = lever(False, Lever(9, "channels-last", True), Lever(12, "ZeRO-2 offload", False),
                                 perf=(True, False))
-    """Decoder convolution weights in channels-last (NHWC) layout, the layout of the encoder's maps."""
+    """Decoder convolution weights in channels-last (NHWC) layout, the layout of the encoder's maps. Not
+    applied with 8-bit optimizer states (bitsandbytes makes parameters contiguous at its first step)."""
     compile_convs: bool = lever(False, Lever(10, "compiled convs", True), Lever(12, "ZeRO-2 offload", False),
                                 perf=(True, False))
     """torch.compile each decoder conv + BatchNorm + ReLU unit (fuses BatchNorm and ReLU). The ZeRO rows

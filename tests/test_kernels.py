@@ -69,3 +69,22 @@ def test_compiled_conv_units_give_the_same_step_with_head_checkpointing():
     assert compiled, "no module was compiled"
     assert counters["stats"]["unique_graphs"] >= 1, "the compiled units never ran as graphs"
     assert_same_step(ref, new)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_no_parameter_changes_layout_at_the_optimizer_step(bits):
+    """A resumed run builds its model afresh: a weight whose layout the first step changed would
+    convolve differently after a resume than in a run that never stopped. bitsandbytes' 8-bit
+    optimizers make parameters contiguous, so channels-last weights are not applied with them."""
+    images, labels = batch()
+    torch.manual_seed(0)
+    cfg = tiny_config("pup", memory=dict(channels_last=True), optim=dict(bits=bits))
+    module, optimizer = build_for_training(cfg)
+    before = {n: p.stride() for n, p in module.named_parameters()}
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in module.parameters()) == (bits == 32)
+    for _ in range(2):
+        module(images, labels)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert {n: p.stride() for n, p in module.named_parameters()} == before

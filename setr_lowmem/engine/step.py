@@ -125,7 +125,12 @@ def build_for_training(cfg: Config, world: int = 1, device: torch.device | None 
             log.warning("train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm statistics stay per process")
     if cfg.memory.precision == "bf16_weights":
         apply_fp32_batchnorm(model)
-    if cfg.memory.channels_last:
+    if cfg.memory.channels_last and cfg.optim.bits == 8:
+        # bitsandbytes makes every parameter contiguous at its first step: the weights would change
+        # layout after step 1, and a resumed run (built channels-last) would convolve differently
+        log.info("channels-last decoder weights: not applied with 8-bit optimizer states (bitsandbytes "
+                 "keeps parameters contiguous); the convolutions' inputs stay channels-last")
+    elif cfg.memory.channels_last:
         apply_channels_last(model)
     if cfg.memory.compile_convs:
         apply_compiled_convs(model)
