@@ -9,7 +9,8 @@ optimizer states exist, runs on fake images under PyTorch's MemTracker, the trac
 profiler and the benchmark use on real tensors. What is computed, and what is accounted:
 
 - computed: parameters, gradients, SGD/AdamW states, activations and temporaries, for every
-  checkpointing policy (recomputation included), bf16 autocast (the CPU's autocast rules),
+  checkpointing policy (recomputation included), bf16 autocast (CUDA's rules where they differ
+  from the CPU's, `setr_lowmem.cuda_autocast`; the CPU's for a CPU forecast),
   the decoder rewrites (the fused loss's Triton kernels through their operators' fake
   implementations, `memory.fused_ce_op`; its PyTorch bands as they run);
 - accounted from documented byte counts: bitsandbytes' 8-bit states (one byte per value, a
@@ -34,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from setr_lowmem import reference
 from setr_lowmem.config import Config, load_config, with_overrides, without_initial_weights
+from setr_lowmem.cuda_autocast import cuda_rules
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder
 from setr_lowmem.memory.optim import build_optimizer
@@ -90,12 +92,12 @@ class Forecast:
         return self.verdict(card_gib) != "no"
 
 
-def _fake_module(module: torch.nn.Module, mode: FakeTensorMode) -> None:
+def _fake_module(module: torch.nn.Module, mode: FakeTensorMode, device: str = "cpu") -> None:
     """Every parameter and buffer of `module` (built on the meta device: no memory, no initialisation)
-    replaced by a fake CPU tensor of its shape and dtype."""
+    replaced by a fake tensor of its shape and dtype on `device`."""
     def fake(t: torch.Tensor) -> torch.Tensor:
         with mode:
-            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
 
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
@@ -138,9 +140,9 @@ def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
     offload) share one fake step."""
     start = time.time()
     sim, notes = simulated(cfg, cuda)
-    key = repr(sim)
+    key = f"{repr(sim)} cuda={cuda}"
     if key not in _STEPS:
-        _STEPS[key] = _fake_step(sim)
+        _STEPS[key] = _fake_step(sim, cuda)
     peak, found, sizes = _STEPS[key]
     categories = dict(found)
     allocated = peak + _accounted(cfg, sizes, categories)
@@ -154,8 +156,9 @@ def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
 _STEPS: dict[str, tuple[float, dict[str, float], list[int]]] = {}  # fake steps run in this process
 
 
-def _fake_step(sim: Config) -> tuple[float, dict[str, float], list[int]]:
-    """(peak GiB, categories at the peak, sizes of the trained parameters) of one tracked fake step."""
+def _fake_step(sim: Config, cuda: bool) -> tuple[float, dict[str, float], list[int]]:
+    """(peak GiB, categories at the peak, sizes of the trained parameters) of one tracked fake step;
+    `cuda`: under CUDA's autocast rules (`cuda_autocast`), else the CPU's."""
     torch.manual_seed(0)
     with torch.device("meta"):
         module, _ = build_for_training(sim)
@@ -163,6 +166,8 @@ def _fake_step(sim: Config) -> tuple[float, dict[str, float], list[int]]:
     _fake_module(module, mode)
     optimizer = build_optimizer(module.model, sim.optim)
     autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if sim.memory.precision == "bf16" else contextlib.nullcontext
+    # the rules stay in place through the backward: checkpointed parts re-run their forward there
+    rules = cuda_rules if cuda and sim.memory.precision == "bf16" else contextlib.nullcontext
     mb, crop, classes = sim.train.micro_batch, sim.data.crop, sim.data.num_classes
     # the matmul upsample backward builds its interpolation matrices from index arithmetic, which
     # fake tensors cannot run: a matrix of the same shape and dtype holds the same memory
@@ -173,9 +178,10 @@ def _fake_step(sim: Config) -> tuple[float, dict[str, float], list[int]]:
         labels = torch.randint(0, classes, (mb, crop, crop))
 
         def forward_backward() -> None:
-            with autocast():
-                loss, _ = module(images, labels)
-            loss.backward()
+            with rules():
+                with autocast():
+                    loss, _ = module(images, labels)
+                loss.backward()
 
         def optimizer_step() -> None:
             optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -87,3 +89,78 @@ def test_the_planner_predicts_every_plan_and_the_first_that_fits_each_card():
     first = next(p for p, f in out if f.fits(card))
     assert lines[-1].endswith("(the first that fits, in the planner's order from fastest to most frugal)")
     assert first.describe(cfg) in lines[-1] and any(not f.fits(card) for _, f in out)
+
+
+@contextlib.contextmanager
+def _cuda_autocast_without_a_gpu():
+    """CUDA's bf16 autocast switched on directly (`torch.autocast("cuda")` refuses without a GPU)."""
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        torch.autocast_decrement_nesting()
+        torch.clear_autocast_cache()
+        torch.set_autocast_enabled("cuda", before[0])
+        torch.set_autocast_dtype("cuda", before[1])
+
+
+@pytest.mark.parametrize("levers", ["plain", "toolkit"])
+def test_cuda_autocast_rules_on_the_cpu_cast_as_cuda_autocast_does(levers):
+    """The forecast's fake step runs on the CPU under `cuda_rules()`: its forward makes the same
+    operators in the same dtypes and shapes as CUDA's own autocast on fake CUDA tensors (which run
+    a forward without a GPU, not a backward), and without the rules it does not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from setr_lowmem.cuda_autocast import cuda_rules
+    from setr_lowmem.engine.step import build_for_training
+    from setr_lowmem.forecast import _fake_module
+
+    # eager attention: SDPA on fake CUDA tensors cannot ask the device for its fused kernels
+    over = ["memory.attention=eager", "memory.precision=bf16", "memory.fused_upsample_backend=torch"]
+    if levers == "plain":
+        over += ["memory.classifier_first=false", "memory.fused_upsample_loss=false"]
+    cfg = load_config("test_tiny", over)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func).replace("cudnn_batch_norm", "native_batch_norm")
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() > 1 and not (name == "aten.empty.memory_format"
+                                                                          and t.dtype == torch.uint8):
+                    self.seen.append((name, t.dtype, tuple(t.shape)))
+                    break
+            return out
+
+    def forward(device: str, autocast) -> list:
+        with torch.device("meta"):
+            module, _ = build_for_training(cfg)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        _fake_module(module, mode, device)
+        with mode:
+            images, labels = torch.randn(2, 3, 64, 64, device=device), torch.randint(0, 9, (2, 64, 64), device=device)
+            labels[:, :4] = 255
+            ops = Ops()
+            with ops, autocast():
+                module(images, labels)
+        return ops.seen
+
+    @contextlib.contextmanager
+    def cpu_with_rules():
+        with cuda_rules(), torch.autocast("cpu", torch.bfloat16):
+            yield
+
+    cuda = forward("cuda", _cuda_autocast_without_a_gpu)
+    emulated = forward("cpu", cpu_with_rules)
+    plain_cpu = forward("cpu", lambda: torch.autocast("cpu", torch.bfloat16))
+    assert any(dtype == torch.bfloat16 for _, dtype, _ in cuda) and len(cuda) > 100
+    assert emulated == cuda
+    assert plain_cpu != cuda  # what the rules change (bilinear upsampling, softmax, LayerNorm: float32)
