@@ -4,7 +4,9 @@
   NHWC layout. The encoder's maps already arrive NHWC (timm reshapes tokens to N, H, W, C and
   permutes), so cuDNN runs the convolutions, BatchNorm and bilinear upsampling in NHWC without
   transposes, the layout its bf16 tensor-core kernels use. Under DeepSpeed ZeRO the weights are
-  re-flattened by the engine and lose the layout; the activations keep it.
+  re-flattened by the engine and lose the layout; the activations keep it. With 8-bit optimizer
+  states it is not applied (`engine.step`): bitsandbytes makes parameters contiguous at its first
+  step, and a layout that changes after step 1 makes a resumed run convolve differently.
 - **Compiled conv units** (`apply_compiled_convs`): each conv + BatchNorm + ReLU unit compiled by
   `torch.compile`, which fuses BatchNorm's normalisation and the ReLU into one elementwise
   kernel in forward and in backward (in bf16 under autocast) instead of separate full-size passes.
