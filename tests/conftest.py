@@ -14,6 +14,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache",
                                                            "torch_extensions"))
 
+# Under pytest-xdist (`-n N`, one worker per core) each worker and the runs it launches compute on
+# one thread: N workers of N threads each oversubscribe the cores (the five loss-decrease runs of
+# tests/test_train.py took 78.6 s on two threads each, 49.4 s on one, two workers on 2 cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # The Triton kernels run on CPU tensors under Triton's interpreter; it must be chosen before the
 # kernels are first imported. On a machine with a GPU they are tested as compiled.
 if not torch.cuda.is_available():
