@@ -71,14 +71,15 @@ def _cross_entropy(op):
         if label_smoothing or target.is_floating_point():  # not what SETR calls: the CPU's rule
             with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
                 return op(_up(logits), target, _up(weight), reduction, ignore_index, label_smoothing)
-        log_p = torch.log_softmax(logits, 1, logits.dtype)
+        log_p = torch.log_softmax(logits, 1 if logits.dim() > 1 else 0, logits.dtype)
         return torch._C._nn.nll_loss_nd(log_p, target, weight, reduction, ignore_index)
     return kernel
 
 
 @contextlib.contextmanager
 def cuda_rules() -> Iterator[None]:
-    """Within: CPU autocast casts as CUDA autocast would (the rules above replace the CPU's)."""
+    """Within: CPU autocast casts as CUDA autocast would (the rules above replace the CPU's, for every
+    thread of the process while the context is open)."""
     lib = torch.library.Library("aten", "IMPL")
     try:
         for name, make in [*((n, _fp32) for n in FP32), *((n, _fp32_unless_dtype) for n in FP32_UNLESS_DTYPE),

@@ -212,6 +212,7 @@ def test_fused_loss_needs_less_memory(policy, monkeypatch):
         # implementations instead, which hold the same tensors (tests/test_forecast.py compares them)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         _fake_module(m, mode)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)  # over the fake parameters, as the forecast does
         with mode:
             images, labels = mode.from_tensor(images), mode.from_tensor(labels)
             peaks[fused] = breakdown_step(m, opt, fwd_bwd, opt.step).peak

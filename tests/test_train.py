@@ -32,6 +32,7 @@ RESUME_MODES = {
 }
 MODES = {
     "bf16": (["memory.precision=bf16"], "optimizer SGD in use"),
+    "sgd8": (["optim.bits=8"], "optimizer SGD8bit in use"),
     "adamw8": (["optim.bits=8", "optim.name=adamw", "optim.lr=0.001"], "optimizer AdamW8bit in use"),
     "zero3_offload": (["memory.deepspeed.stage=3", "memory.deepspeed.offload_optimizer=true",
                        "memory.deepspeed.offload_params=true"],

@@ -10,7 +10,8 @@ checkpointing, as the original code ran), bf16 autocast, SDPA attention, every e
 checkpointed, each head checkpointed with its loss, the classifier moved before the last
 upsample, the upsample fused into the cross-entropy (PyTorch bands, then the Triton kernels:
 GPU only), the heads' upsample backward as matrix products, channels-last decoder weights,
-torch.compile'd conv units, 8-bit SGD; then ZeRO-2 and ZeRO-3 with CPU offload (on top of the
+torch.compile'd conv units, 8-bit SGD (which also leaves the weights contiguous: bitsandbytes re-lays
+them out at its first step, so channels-last weights are not applied with it); then ZeRO-2 and ZeRO-3 with CPU offload (on top of the
 rows before 8-bit except channels-last, which DeepSpeed refuses; the paper's torch SGD offloaded). Each row
 runs at every micro-batch (random data; the median step after the first is timed). For each:
 peak allocated / reserved / device-level, host RSS, the breakdown by category (PyTorch's
