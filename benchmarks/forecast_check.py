@@ -32,7 +32,7 @@ def reference_rows() -> list[dict]:
         cfg = load_config(r.config, [*reference.PLAIN, *r.overrides, "model.pretrained=",
                                      f"train.micro_batch={r.micro_batch}",
                                      f"train.total_batch={r.micro_batch * r.accumulation}"])
-        f = forecast(cfg, label=r.label)
+        f = forecast(cfg, label=r.label, plain_loop=True)  # the reference is a plain PyTorch loop
         out.append(compared("shared/reference-measurements.md (H100, plain PyTorch)", r.config, f, r.allocated,
                             r.reserved, r.expandable))
         print(f"{r.label}, mb {r.micro_batch}: predicted {f.allocated:.2f} GiB, measured {r.allocated:.2f} "
@@ -86,7 +86,11 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     lines = [f"# The memory forecast against GPU measurements, {date}", "",
              "Predicted on fake tensors on a CPU (`setr_lowmem.forecast`, the full-size model as each row configures "
-             "it), measured on a GPU (the source column). Predicted reserved = allocated x "
+             "it), measured on a GPU (the source column). The reference's rows are predicted as its plain "
+             "PyTorch loop runs them: the model returns each head's full-size output and the loop holds it "
+             "through the backward (`forecast(..., plain_loop=True)`; heads checkpointed with their loss "
+             "hold nothing outside the checkpoint); the suite's rows as the toolkit runs them, its loss "
+             "freeing each output. Predicted reserved = allocated x "
              f"{OVERHEADS.reserved:.3f} (expandable segments, the toolkit's setting; DeepSpeed rows "
              f"x {OVERHEADS.reserved_deepspeed:.3f}); rows measured without expandable segments reserve more.", "",
              *table(rows), "",

@@ -133,16 +133,17 @@ def simulated(cfg: Config, cuda: bool = True) -> tuple[Config, list[str]]:
     return with_overrides(without_initial_weights(cfg), over), notes
 
 
-def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
+def forecast(cfg: Config, label: str = "", cuda: bool = True, plain_loop: bool = False) -> Forecast:
     """The predicted peak of one training iteration of `cfg` (one micro-batch's forward and
     backward, then the optimizer step, with the states of an earlier step alive), on a GPU (`cuda`)
     or on the CPU. Configurations that differ only in what is accounted (8-bit states, ZeRO
-    offload) share one fake step."""
+    offload) share one fake step. `plain_loop`: the step of a plain training loop instead of the
+    toolkit's (`_keep_head_outputs`), for comparing with measurements of one."""
     start = time.time()
     sim, notes = simulated(cfg, cuda)
-    key = f"{repr(sim)} cuda={cuda}"
+    key = f"{repr(sim)} cuda={cuda} plain_loop={plain_loop}"
     if key not in _STEPS:
-        _STEPS[key] = _fake_step(sim, cuda)
+        _STEPS[key] = _fake_step(sim, cuda, plain_loop)
     peak, found, sizes = _STEPS[key]
     categories = dict(found)
     allocated = peak + _accounted(cfg, sizes, categories)
@@ -156,15 +157,39 @@ def forecast(cfg: Config, label: str = "", cuda: bool = True) -> Forecast:
 _STEPS: dict[str, tuple[float, dict[str, float], list[int]]] = {}  # fake steps run in this process
 
 
-def _fake_step(sim: Config, cuda: bool) -> tuple[float, dict[str, float], list[int]]:
+def _keep_head_outputs(module: torch.nn.Module, kept: list[torch.Tensor]) -> None:
+    """Make `module`'s step the one of a plain loop, `out = model(x); loss = criterion(out, y)`: the
+    model returns each head's output at full size and the loop holds it through the backward, where
+    the toolkit's loss upsamples inside and frees it. Heads checkpointed with their loss keep
+    nothing outside the checkpoint: they are left as they are."""
+    import torch.nn.functional as F
+
+    from setr_lowmem.model.loss import HeadLoss, resized_cross_entropy
+
+    for unit in module.head_losses:
+        if isinstance(unit, HeadLoss) and unit.criterion is resized_cross_entropy:
+            def keeping(logits, scale, labels, cfg):
+                if scale > 1:
+                    logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+                kept.append(logits)
+                return resized_cross_entropy(logits, 1, labels, cfg)
+
+            unit.criterion = keeping
+
+
+def _fake_step(sim: Config, cuda: bool, plain_loop: bool = False) -> tuple[float, dict[str, float], list[int]]:
     """(peak GiB, categories at the peak, sizes of the trained parameters) of one tracked fake step;
-    `cuda`: under CUDA's autocast rules (`cuda_autocast`), else the CPU's."""
+    `cuda`: under CUDA's autocast rules (`cuda_autocast`), else the CPU's; `plain_loop`: with the
+    heads' outputs held through the backward (`_keep_head_outputs`)."""
     torch.manual_seed(0)
     with torch.device("meta"):
         module, _ = build_for_training(sim)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     _fake_module(module, mode)
     optimizer = build_optimizer(module.model, sim.optim)
+    kept: list[torch.Tensor] = []
+    if plain_loop:
+        _keep_head_outputs(module, kept)
     autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if sim.memory.precision == "bf16" else contextlib.nullcontext
     # the rules stay in place through the backward: checkpointed parts re-run their forward there
     rules = cuda_rules if cuda and sim.memory.precision == "bf16" else contextlib.nullcontext
@@ -182,6 +207,7 @@ def _fake_step(sim: Config, cuda: bool) -> tuple[float, dict[str, float], list[i
                 with autocast():
                     loss, _ = module(images, labels)
                 loss.backward()
+            kept.clear()
 
         def optimizer_step() -> None:
             optimizer.step()

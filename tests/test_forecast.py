@@ -164,3 +164,17 @@ def test_cuda_autocast_rules_on_the_cpu_cast_as_cuda_autocast_does(levers):
     assert any(dtype == torch.bfloat16 for _, dtype, _ in cuda) and len(cuda) > 100
     assert emulated == cuda
     assert plain_cpu != cuda  # what the rules change (bilinear upsampling, softmax, LayerNorm: float32)
+
+
+def test_a_plain_loop_holds_each_heads_full_size_output_through_the_backward():
+    """forecast(plain_loop=True), the step of `out = model(x); loss = criterion(out, y)`, holds every
+    head's upsampled output where the toolkit's loss frees it: more memory by those outputs (here the
+    peak is at the backward's start), unless each head is checkpointed with its loss (then the same)."""
+    over = ["memory.classifier_first=false", "memory.fused_upsample_loss=false", "data.num_classes=64"]
+    cfg = load_config("test_tiny", [*over, "memory.checkpointing=none"])
+    toolkit, plain = forecast(cfg, cuda=False), forecast(cfg, cuda=False, plain_loop=True)
+    heads = 4  # test_tiny's PUP: the main head and three aux heads, each output 2 x 64 x 64 x 64 float32
+    outputs = heads * 2 * 64 * 64 * 64 * 4 / 2**30
+    assert plain.allocated - toolkit.allocated == pytest.approx(outputs, rel=1e-3), (plain, toolkit, outputs)
+    full = load_config("test_tiny", [*over, "memory.checkpointing=full"])
+    assert forecast(full, cuda=False, plain_loop=True).allocated == forecast(full, cuda=False).allocated
