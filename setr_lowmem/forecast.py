@@ -162,18 +162,16 @@ def _keep_head_outputs(module: torch.nn.Module, kept: list[torch.Tensor]) -> Non
     model returns each head's output at full size and the loop holds it through the backward, where
     the toolkit's loss upsamples inside and frees it. Heads checkpointed with their loss keep
     nothing outside the checkpoint: they are left as they are."""
-    import torch.nn.functional as F
-
+    from setr_lowmem.model.heads import upsample
     from setr_lowmem.model.loss import HeadLoss, resized_cross_entropy
+
+    def keeping(logits, scale, labels, cfg):
+        full = upsample(logits, scale) if scale > 1 else logits
+        kept.append(full)
+        return resized_cross_entropy(full, 1, labels, cfg)
 
     for unit in module.head_losses:
         if isinstance(unit, HeadLoss) and unit.criterion is resized_cross_entropy:
-            def keeping(logits, scale, labels, cfg):
-                if scale > 1:
-                    logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
-                kept.append(logits)
-                return resized_cross_entropy(logits, 1, labels, cfg)
-
             unit.criterion = keeping
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from setr_lowmem.config import LossConfig
+from setr_lowmem.model.heads import upsample
 
 
 def resize_to(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -52,7 +53,7 @@ Criterion = Callable[[torch.Tensor, int, torch.Tensor, LossConfig], torch.Tensor
 def resized_cross_entropy(logits: torch.Tensor, scale: int, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """The plain criterion: the head's last upsample (by `scale`), then `seg_cross_entropy`."""
     if scale > 1:
-        logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+        logits = upsample(logits, scale)
     return seg_cross_entropy(logits, labels, cfg.ignore_index, cfg.avg_non_ignore)
 
 
