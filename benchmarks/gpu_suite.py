@@ -18,6 +18,11 @@ its time, so a run cut short still returns what it measured):
             against the same run uninterrupted                               resume_<gpu>_<date>.json
   memory    benchmarks/memory.py --cap-gib 24 at micro-batch 16 (--batches)  memory_<gpu>_<date>.*
   profile   torch.profiler over three steps of pup_ade20k as configured     profile_<gpu>_<date>.md
+  hidden    what the memory forecast cannot see (`setr_lowmem.hidden`): the
+            CUDA context, cuBLAS workspaces, and for the forecast check's
+            worst rows (as the toolkit runs them) the allocations alive at
+            the peak and the operators' transients; on the CPU the
+            forecasts only                                                  hidden_<gpu>_<date>.{md,json}
 
 `--minutes` is the whole budget: a stage (or paper config) that would start after it is written
 as skipped. Without a GPU (`--tiny`, implied) everything runs on a tiny model on the CPU: that
@@ -284,8 +289,73 @@ def stage_profile(s: Suite) -> None:
         f"{p} {100 * t / total:.0f}%" for p, t in sorted(parts.items(), key=lambda x: -x[1])[:4]))
 
 
+# the forecast check's rows that miss by more than 10%, and one that does not (the second), by
+# (label, micro-batch) in `setr_lowmem.reference`
+HIDDEN_ROWS = [("+ each head and its loss in one checkpoint", 16), ("head-and-loss checkpointing + classifier first", 16),
+               ("head-and-loss + classifier first + SGD8bit", 2), ("ZeRO-2, optimizer offloaded (torch SGD), bf16", 16)]
+
+
+def stage_hidden(s: Suite) -> None:
+    import torch
+
+    from setr_lowmem import reference
+    from setr_lowmem.config import load_config
+    from setr_lowmem.forecast import forecast
+    from setr_lowmem.hidden import context, probe
+
+    device = torch.device("cuda")
+    out: dict = {"gpu": s.tag, "date": s.date, "rows": []}
+    if s.cuda:
+        out["context_first"] = context(device)
+    for label, mb in HIDDEN_ROWS:
+        r = next(r for r in reference.ROWS if r.label == label and r.micro_batch == mb)
+        if s.left() < 90:
+            out["rows"].append({"label": label, "micro_batch": mb, "skipped": "out of time (--stages hidden)"})
+            continue
+        cfg = load_config(r.config, [*reference.PLAIN, *r.overrides, "model.pretrained=", f"train.micro_batch={mb}",
+                                     f"train.total_batch={mb * r.accumulation}"])
+        t = time.time()
+        if s.cuda:
+            try:
+                row = probe(cfg, device, label)
+            except torch.OutOfMemoryError as err:
+                row = {"label": label, "micro_batch": mb, "error": str(err).splitlines()[0][:200]}
+        else:
+            row = {"label": label, "micro_batch": mb, "forecast_gib": round(forecast(cfg, label).allocated, 3),
+                   "measured_gib": None}
+        row |= {"reference_gib": r.allocated, "seconds": round(time.time() - t, 1)}
+        out["rows"].append(row)
+        s.say(f"hidden {label}, mb {mb}: forecast {row.get('forecast_gib')} GiB, measured {row.get('measured_gib')}")
+        write_hidden(s, out)
+    if s.cuda:
+        out["context_last"] = context(device)
+    write_hidden(s, out)
+
+
+def write_hidden(s: Suite, out: dict) -> None:
+    s.path("hidden", "json").write_text(json.dumps(out, indent=1))
+    lines = [f"# What the memory forecast cannot see, on {s.tag}, {s.date}", ""]
+    for key in ("context_first", "context_last"):
+        if key in out:
+            lines.append(f"- {key}: " + ", ".join(f"{k} {v}" for k, v in out[key].items()))
+    for r in out["rows"]:
+        lines += ["", f"## {r['label']}, micro-batch {r['micro_batch']}", "",
+                  (f"forecast {r.get('forecast_gib')} GiB, measured {r.get('measured_gib')} GiB (the toolkit's step; "
+                   f"the reference's plain loop measured {r.get('reference_gib')}) "
+                   f"{r.get('error') or r.get('skipped') or ''}")]
+        if "at_peak" in r:
+            p = r["at_peak"]
+            lines += ["", f"Alive at the replayed peak ({p['peak_mib']} MiB; {p['before_mib']} MiB before the step):", "",
+                      "| MiB | blocks | made by |", "|---|---|---|"]
+            lines += [f"| {x['mib']} | {x['blocks']} | `{x['where']}` |" for x in p["live"]]
+        if "transients" in r:
+            lines += ["", "Largest operator transients:", "", "| MiB | calls | operator |", "|---|---|---|"]
+            lines += [f"| {x['mib']} | {x['calls']} | `{x['op'][:160]}` |" for x in r["transients"]]
+    s.path("hidden", "md").write_text("\n".join(lines) + "\n")
+
+
 STAGES = {"env": stage_env, "gputests": stage_gputests, "paper": stage_paper, "resume": stage_resume,
-          "memory": stage_memory, "profile": stage_profile}
+          "memory": stage_memory, "profile": stage_profile, "hidden": stage_hidden}
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ class Overheads:
     reserved_deepspeed: float = max(reference.reserved_ratios(deepspeed=True))  # ZeRO rows: 1.00 to 1.01
     context: float = 0.5  # GiB outside PyTorch's allocator (CUDA context, loaded kernels): ~0.3 GiB with
     # CUDA's lazy loading (PyTorch #107667) plus the kernels a training step loads; an estimate until
-    # the GPU suite measures device-level minus reserved
+    # the GPU suite's `hidden` stage measures device-level minus reserved (`hidden.context`)
 
 
 OVERHEADS = Overheads()

@@ -178,3 +178,31 @@ def test_a_plain_loop_holds_each_heads_full_size_output_through_the_backward():
     assert plain.allocated - toolkit.allocated == pytest.approx(outputs, rel=1e-3), (plain, toolkit, outputs)
     full = load_config("test_tiny", [*over, "memory.checkpointing=full"])
     assert forecast(full, cuda=False, plain_loop=True).allocated == forecast(full, cuda=False).allocated
+
+
+def test_a_memory_trace_replays_to_its_peak_and_what_was_alive_there():
+    """`hidden.live_at_peak` on an allocator trace of known shape: blocks from before the recording
+    freed during it lower the running total, and the peak's live set is the trace's own blocks."""
+    from setr_lowmem.hidden import MIB, live_at_peak
+
+    ours = [{"filename": "/x/site-packages/torch/nn/modules/conv.py", "line": 5, "name": "_conv_forward"},
+            {"filename": "/repo/setr_lowmem/model/heads.py", "line": 40, "name": "forward"}]
+    torch_only = [{"filename": "/x/site-packages/torch/functional.py", "line": 9, "name": "einsum"}]
+
+    def alloc(addr, mib, frames):
+        return {"action": "alloc", "addr": addr, "size": mib * MIB, "frames": frames}
+
+    def free(addr, mib):
+        return {"action": "free_requested", "addr": addr, "size": mib * MIB}
+
+    trace = [alloc(1, 10, ours), alloc(2, 30, torch_only), free(1, 10), free(99, 50),  # 99: an older block
+             alloc(3, 40, []), alloc(4, 25, ours), {"action": "free_completed", "addr": 1, "size": 10 * MIB},
+             free(3, 40), alloc(5, 5, ours)]
+    found = live_at_peak(trace, before=100 * MIB)
+    # 100 -> 110 -> 140 -> 130 -> 80 -> 120 -> 145 -> 105 -> 110: the peak is 145, with blocks 2, 3, 4
+    assert found["peak_mib"] == 145 and found["before_mib"] == 100
+    assert found["live"] == [{"where": "no Python frame (a backward kernel on the autograd engine's thread)",
+                              "mib": 40, "blocks": 1},
+                             {"where": "torch/functional.py:9 einsum", "mib": 30, "blocks": 1},
+                             {"where": "model/heads.py:40 forward <- torch/nn/modules/conv.py:5 _conv_forward",
+                              "mib": 25, "blocks": 1}]

@@ -1,7 +1,8 @@
 """The GPU paths, on CUDA: the compiled Triton kernels at the paper's shapes, the matmul upsample
 backward, bitsandbytes' 8-bit SGD, DeepSpeed ZeRO-2 with optimizer offload through accelerate,
-and compiled conv units. Deselected by default (`pyproject.toml`: -m "not gpu"); on a GPU machine
-`python -m pytest -m gpu` runs them (`benchmarks/gpu_suite.py` does, as its first stage)."""
+compiled conv units, and the tools that find what the memory forecast cannot see (`setr_lowmem.hidden`).
+Deselected by default (`pyproject.toml`: -m "not gpu"); on a GPU machine `python -m pytest -m gpu`
+runs them (`benchmarks/gpu_suite.py` does, as its first stage)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,34 @@ def test_compiled_conv_units_equal_the_eager_step():
     eager = _losses(base)
     compiled = _losses(with_overrides(base, ["memory.compile_convs=true"]))
     assert compiled == pytest.approx(eager, rel=2e-2)  # bf16: fused BatchNorm+ReLU rounds differently
+
+
+def test_a_recorded_step_replays_to_the_allocators_peak():
+    from setr_lowmem.hidden import MIB, live_at_peak, trace_of
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 8, 1)).to(CUDA)
+    x = torch.randn(8, 3, 128, 128, device=CUDA)
+
+    def step():
+        model(x).square().mean().backward()
+
+    step()  # kernel choices and workspaces made once
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    found = live_at_peak(trace_of(CUDA, step), before)
+    assert found["peak_mib"] == pytest.approx(torch.cuda.max_memory_allocated() / MIB, abs=0.1)
+    assert found["live"] and found["live"][0]["mib"] > 0  # the step's own blocks, by the code that made them
+
+
+def test_operator_transients_see_an_operators_temporary_buffers():
+    from setr_lowmem.hidden import OpTransients
+
+    x = torch.randn(1 << 22, device=CUDA)
+    with OpTransients(CUDA) as ops:
+        x.sort()  # CUB's radix sort takes temporary storage from the caching allocator
+        x.add(1)  # an element-wise kernel takes none
+    found = {t.op.split("(")[0]: t for t in ops.found.values()}
+    assert "aten.sort.default" in found and found["aten.sort.default"].mib > 0, ops.found
+    assert not any(k.startswith("aten.add") for k in found), ops.found

@@ -20,7 +20,7 @@ FLOORS = [
     ("setr_lowmem.model", "setr_lowmem.data"),
     ("setr_lowmem.memory",),
     ("setr_lowmem.engine",),
-    ("setr_lowmem.measure", "setr_lowmem.plan", "setr_lowmem.forecast", "setr_lowmem.cli"),
+    ("setr_lowmem.measure", "setr_lowmem.plan", "setr_lowmem.forecast", "setr_lowmem.cli", "setr_lowmem.hidden"),
     ("setr_lowmem.commands",),
 ]
 
