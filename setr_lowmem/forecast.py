@@ -14,8 +14,9 @@ profiler and the benchmark use on real tensors. What is computed, and what is ac
   the decoder rewrites (the fused loss's Triton kernels through their operators' fake
   implementations, `memory.fused_ce_op`; its PyTorch bands as they run);
 - accounted from documented byte counts: bitsandbytes' 8-bit states (one byte per value, a
-  float32 scale per 256 and a 256-entry code book, for tensors of 4096 values or more), ZeRO-2's offloaded optimizer
-  (its states and fp32 master copies leave the GPU) and bf16 weights;
+  float32 scale per 256 and a 256-entry code book, for tensors of 4096 values or more), ZeRO-2's
+  offloaded optimizer (its states and fp32 master copies leave the GPU), ZeRO-2's gradient bucket
+  and buffers (DeepSpeed's sizes, checked against a real engine) and bf16 weights;
 - added as constants with their source (`Overheads`): cuBLAS's and cuBLASLt's workspaces (in
   the allocated figure: PyTorch takes them from its caching allocator), the allocator's reserve
   over allocated (measured ratios of `setr_lowmem.reference`), and the CUDA context (device-level).
@@ -38,6 +39,7 @@ from setr_lowmem.config import Config, load_config, with_overrides, without_init
 from setr_lowmem.cuda_autocast import cuda_rules
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder
+from setr_lowmem.memory.deepspeed import BUCKET
 from setr_lowmem.memory.optim import build_optimizer
 from setr_lowmem.profiler import GIB, breakdown_step
 
@@ -127,7 +129,10 @@ def simulated(cfg: Config, cuda: bool = True) -> tuple[Config, list[str]]:
         notes.append("8-bit states: accounted (1 byte per value + a float32 scale per 256, tensors >= 4096 values)")
     if m.deepspeed.stage:
         notes.append(f"ZeRO-{m.deepspeed.stage}: accounted" + (" (optimizer states on the host)"
-                                                                if m.deepspeed.offload_optimizer else ""))
+                                                                if m.deepspeed.offload_optimizer else "")
+                     + {2: "; its gradient bucket and buffers from DeepSpeed's sizes",
+                        1: "; its gradient bucket and flat partitions not accounted (predicted low)",
+                        3: "; its prefetch and gradient buckets not accounted (predicted low)"}[m.deepspeed.stage])
     if m.compile_convs:
         notes.append("compiled conv units: predicted as eager (fusion saves temporaries only)")
     return with_overrides(without_initial_weights(cfg), over), notes
@@ -239,12 +244,30 @@ def _accounted(cfg: Config, sizes: list[int], categories: dict[str, float]) -> f
     if ds.stage == 3 and ds.offload_params:  # the GPU holds only the layers in use (prefetch buckets: not counted)
         delta -= categories.get("params", 0.0) + categories.get("grads", 0.0)
         categories["params"] = categories["grads"] = 0.0
-    if cfg.memory.precision == "bf16_weights":
+    bf16_weights = cfg.memory.precision == "bf16_weights"
+    if bf16_weights:
         half = sum(sizes) * 2 / GIB
         masters = 0.0 if ds.offload_optimizer else 2 * half  # fp32 copies of the bf16 weights
         delta += (half - categories.get("params", 0.0)) + (half - categories.get("grads", 0.0)) + masters
         categories["params"], categories["grads"] = half, half
         categories["optimizer"] = categories.get("optimizer", 0.0) + masters
+    if ds.stage == 2:  # DeepSpeed's stage-2 optimizer (zero/stage_1_and_2.py) as `memory.deepspeed` configures it
+        delta += _zero2_buffers(sizes, ds.offload_optimizer, 2 if bf16_weights else 4, categories)
+    return delta
+
+
+def _zero2_buffers(sizes: list[int], offload: bool, width: int, categories: dict[str, float]) -> float:
+    """ZeRO-2 with contiguous gradients on one GPU: from the first backward on, the gradients pass
+    through a reduction bucket of `BUCKET` values in the weights' dtype (`width` bytes each), then
+    either to the host through a buffer the size of the largest parameter (optimizer offload) or into
+    a flat partition of every gradient, next to a float32 master copy of the weights (without
+    offload; bf16 weights count theirs already). They replace the step's own gradients in
+    `categories`; returns the GiB they add."""
+    grads = (BUCKET + (max(sizes) if offload else sum(sizes))) * width / GIB
+    masters = 0.0 if offload or width == 2 else sum(sizes) * 4 / GIB
+    delta = grads - categories.get("grads", 0.0) + masters
+    categories["grads"] = grads
+    categories["optimizer"] = categories.get("optimizer", 0.0) + masters
     return delta
 
 
