@@ -35,7 +35,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from setr_lowmem import reference
-from setr_lowmem.config import Config, load_config, with_overrides, without_initial_weights
+from setr_lowmem.config import (
+    Config,
+    load_config,
+    with_overrides,
+    without_initial_weights,
+)
 from setr_lowmem.cuda_autocast import cuda_rules
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder
@@ -230,6 +235,7 @@ def _accounted(cfg: Config, sizes: list[int], categories: dict[str, float]) -> f
     """GiB to add to the computed peak (negative: to remove) for what the fake step did not run
     (`sizes`: the trained parameters' element counts); updates `categories` to match."""
     ds, delta = cfg.memory.deepspeed, 0.0
+    grads_at_peak = categories.get("grads", 0.0)
     states = categories.get("optimizer", 0.0)
     if cfg.optim.bits == 8 and not ds.offload_optimizer:
         per_value = {"sgd": 1, "adamw": 2}[cfg.optim.name]
@@ -252,23 +258,28 @@ def _accounted(cfg: Config, sizes: list[int], categories: dict[str, float]) -> f
         categories["params"], categories["grads"] = half, half
         categories["optimizer"] = categories.get("optimizer", 0.0) + masters
     if ds.stage == 2:  # DeepSpeed's stage-2 optimizer (zero/stage_1_and_2.py) as `memory.deepspeed` configures it
-        delta += _zero2_buffers(sizes, ds.offload_optimizer, 2 if bf16_weights else 4, categories)
+        buffers = zero2_buffers(sizes, ds.offload_optimizer, 2 if bf16_weights else 4)
+        computed = grads_at_peak * GIB / 4  # gradient values at the fake step's peak (float32 there)
+        # the bucket lives from a backward's first gradient to its end; the flat partition from the
+        # first full bucket (or the end of a backward, for a model smaller than one) to the step
+        grads = (buffers["bucket"] if computed > 0 else 0.0) + (
+            buffers["gradients"] if ds.offload_optimizer or computed >= min(BUCKET, sum(sizes)) else 0.0)
+        delta += grads - categories.get("grads", 0.0) + buffers["masters"]
+        categories["grads"] = grads
+        categories["optimizer"] = categories.get("optimizer", 0.0) + buffers["masters"]
     return delta
 
 
-def _zero2_buffers(sizes: list[int], offload: bool, width: int, categories: dict[str, float]) -> float:
-    """ZeRO-2 with contiguous gradients on one GPU: from the first backward on, the gradients pass
-    through a reduction bucket of `BUCKET` values in the weights' dtype (`width` bytes each), then
-    either to the host through a buffer the size of the largest parameter (optimizer offload) or into
-    a flat partition of every gradient, next to a float32 master copy of the weights (without
-    offload; bf16 weights count theirs already). They replace the step's own gradients in
-    `categories`; returns the GiB they add."""
-    grads = (BUCKET + (max(sizes) if offload else sum(sizes))) * width / GIB
-    masters = 0.0 if offload or width == 2 else sum(sizes) * 4 / GIB
-    delta = grads - categories.get("grads", 0.0) + masters
-    categories["grads"] = grads
-    categories["optimizer"] = categories.get("optimizer", 0.0) + masters
-    return delta
+def zero2_buffers(sizes: list[int], offload: bool, width: int) -> dict[str, float]:
+    """GiB that ZeRO-2 with contiguous gradients keeps on one GPU for parameters of `sizes` values
+    in `width`-byte weights: a reduction bucket of `BUCKET` values ('bucket'), then either a buffer
+    the size of the largest parameter on the way to the host (optimizer offload) or a flat partition
+    of every gradient ('gradients'), and without offload a float32 master copy of fp32 weights
+    ('masters'; bf16 weights count theirs already). Not counted: the flat gradient copy that the
+    step makes without offload."""
+    return {"bucket": BUCKET * width / GIB,
+            "gradients": (max(sizes) if offload else sum(sizes)) * width / GIB,
+            "masters": 0.0 if offload or width == 2 else sum(sizes) * 4 / GIB}
 
 
 def report(cfg: Config, cards: list[float]) -> str:

@@ -17,6 +17,8 @@ GPU's peak differ, these tools say by how much and where:
 
 from __future__ import annotations
 
+import gc
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -86,15 +88,21 @@ class OpTransients(TorchDispatchMode):
         return sorted(self.found.values(), key=lambda t: -t.mib)[:n]
 
 
+PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # frames in this package's own files
+
+
 def _where(frames: list[dict]) -> str:
     """The code that made an allocation: its innermost frame in this package, and the innermost
     frame of all (frames run innermost first); "no Python frame" for the autograd engine's own."""
     if not frames:
         return "no Python frame (a backward kernel on the autograd engine's thread)"
-    def at(f):
-        return f"{f['filename'].split('site-packages/')[-1].split('setr_lowmem/')[-1]}:{f['line']} {f['name']}"
 
-    ours = next((f for f in frames if "setr_lowmem" in f["filename"]), None)
+    def at(f):
+        name = f["filename"]
+        name = name[len(PACKAGE):] if name.startswith(PACKAGE) else name.split("site-packages/")[-1]
+        return f"{name}:{f['line']} {f['name']}"
+
+    ours = next((f for f in frames if f["filename"].startswith(PACKAGE)), None)
     return at(frames[0]) if ours is None or ours is frames[0] else f"{at(ours)} <- {at(frames[0])}"
 
 
@@ -112,10 +120,16 @@ def trace_of(device: torch.device, fn) -> list[dict]:
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
+def requested(device: torch.device, key: str = "current") -> int:
+    """The caching allocator's requested bytes ('current' or 'peak'): what a trace's sizes add up to
+    (allocated bytes count whole blocks: rounded to 512 bytes, a large one up to 1 MiB over)."""
+    return torch.cuda.memory_stats(device)[f"requested_bytes.all.{key}"]
+
+
 def live_at_peak(trace: list[dict], before: int = 0, top: int = 25) -> dict:
     """Replay one device's memory-history trace (`torch.cuda.memory._snapshot()["device_traces"][i]`):
-    allocated bytes rise at each 'alloc' and fall at each 'free_requested' (when the allocator's
-    statistics drop), starting from `before` (allocated when recording began). Returns the peak (MiB)
+    requested bytes rise at each 'alloc' and fall at each 'free_requested' (when the allocator's
+    statistics drop), starting from `before` (`requested(device)` when recording began). Returns the peak (MiB)
     and what was alive at it that the trace made, grouped by `_where`, largest first (the rest of
     the peak was allocated before the recording)."""
     live: dict[int, dict] = {}
@@ -144,7 +158,8 @@ def live_at_peak(trace: list[dict], before: int = 0, top: int = 25) -> dict:
 def probe(cfg, device: torch.device, label: str = "") -> dict:
     """Training's step for `cfg` on `device` (random data): its measured peak allocated next to the
     forecast's, what was alive at the peak (memory history of one step) and the operators with the
-    largest transients (another step). Two warm-up steps first: optimizer states, kernel choices."""
+    largest transients (another step). Two warm-up steps first: optimizer states, kernel choices.
+    What one part measured is kept when a later one fails (`error`)."""
     from setr_lowmem.forecast import forecast
     from setr_lowmem.measure import build_step
 
@@ -152,8 +167,11 @@ def probe(cfg, device: torch.device, label: str = "") -> dict:
     out = {"label": label or cfg.name, "micro_batch": cfg.train.micro_batch,
            "forecast_gib": round(predicted.allocated, 3),
            "forecast_categories_gib": {k: round(v, 3) for k, v in predicted.categories.items()}}
-    step = build_step(cfg, device)
+    _release(device)
+    out["allocated_before_build_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+    step = None
     try:
+        step = build_step(cfg, device)
         for _ in range(2):
             step()
         torch.cuda.synchronize(device)
@@ -161,13 +179,25 @@ def probe(cfg, device: torch.device, label: str = "") -> dict:
         step()
         torch.cuda.synchronize(device)
         out["measured_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        before = torch.cuda.memory_allocated(device)
-        trace = trace_of(device, step)
-        out["at_peak"] = live_at_peak(trace, before)
+        out["measured_requested_gib"] = round(requested(device, "peak") / 2**30, 3)
+        before = requested(device)
+        out["at_peak"] = live_at_peak(trace_of(device, step), before)
         with OpTransients(device) as ops:
             step()
             torch.cuda.synchronize(device)
         out["transients"] = [{"op": t.op[:300], "mib": round(t.mib, 1), "calls": t.calls} for t in ops.largest()]
+    except Exception as err:  # noqa: BLE001 - keep what was measured
+        out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     finally:
-        step.close()
+        if step is not None:
+            step.close()
+        del step
+        _release(device)
     return out
+
+
+def _release(device: torch.device) -> None:
+    """Whatever an earlier step left (cycles included) back to the card."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
