@@ -35,12 +35,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from setr_lowmem import reference
-from setr_lowmem.config import (
-    Config,
-    load_config,
-    with_overrides,
-    without_initial_weights,
-)
+from setr_lowmem.config import Config, load_config, with_overrides, without_initial_weights
 from setr_lowmem.cuda_autocast import cuda_rules
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder
