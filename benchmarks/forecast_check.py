@@ -29,10 +29,7 @@ def reference_rows() -> list[dict]:
     for r in reference.ROWS:
         if not r.config:
             continue
-        cfg = load_config(r.config, [*reference.PLAIN, *r.overrides, "model.pretrained=",
-                                     f"train.micro_batch={r.micro_batch}",
-                                     f"train.total_batch={r.micro_batch * r.accumulation}"])
-        f = forecast(cfg, label=r.label, plain_loop=True)  # the reference is a plain PyTorch loop
+        f = forecast(r.configured(), label=r.label, plain_loop=True)  # the reference is a plain PyTorch loop
         out.append(compared("shared/reference-measurements.md (H100, plain PyTorch)", r.config, f, r.allocated,
                             r.reserved, r.expandable))
         print(f"{r.label}, mb {r.micro_batch}: predicted {f.allocated:.2f} GiB, measured {r.allocated:.2f} "

@@ -302,7 +302,6 @@ def stage_hidden(s: Suite) -> None:
     import torch
 
     from setr_lowmem import reference
-    from setr_lowmem.config import load_config
     from setr_lowmem.forecast import forecast
     from setr_lowmem.hidden import context, probe
 
@@ -315,8 +314,7 @@ def stage_hidden(s: Suite) -> None:
         if s.left() < 90:
             out["rows"].append({"label": label, "micro_batch": mb, "skipped": "out of time (--stages hidden)"})
             continue
-        cfg = load_config(r.config, [*reference.PLAIN, *r.overrides, "model.pretrained=", f"train.micro_batch={mb}",
-                                     f"train.total_batch={mb * r.accumulation}"])
+        cfg = r.configured()
         t = time.time()
         if s.cuda:
             row = probe(cfg, device, label)  # keeps what it measured when a part fails

@@ -26,6 +26,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from setr_lowmem.profiler import GIB
+
 MIB = 2**20
 
 
@@ -76,7 +78,8 @@ class OpTransients(TorchDispatchMode):
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         out = func(*args, **kwargs)
-        above = torch.cuda.max_memory_allocated(self.device) - max(before, torch.cuda.memory_allocated(self.device))
+        stats = torch.cuda.memory_stats(self.device)  # one read for both figures: this runs for every operator
+        above = stats["allocated_bytes.all.peak"] - max(before, stats["allocated_bytes.all.current"])
         if above > 0:
             inputs = ", ".join(d for d in map(_describe, tree_leaves((args, kwargs))) if d)
             key = f"{func}({inputs})"
@@ -132,18 +135,22 @@ def live_at_peak(trace: list[dict], before: int = 0, top: int = 25) -> dict:
     statistics drop), starting from `before` (`requested(device)` when recording began). Returns the peak (MiB)
     and what was alive at it that the trace made, grouped by `_where`, largest first (the rest of
     the peak was allocated before the recording)."""
-    live: dict[int, dict] = {}
     now = best = before
-    best_live: list[dict] = []
-    for e in trace:
+    at = -1  # the index of the allocation that made the peak
+    for i, e in enumerate(trace):
         if e["action"] == "alloc":
-            live[e["addr"]] = e
             now += e["size"]
             if now > best:
-                best, best_live = now, list(live.values())
+                best, at = now, i
         elif e["action"] == "free_requested":  # blocks from before the recording are freed too
             now -= e["size"]
+    live: dict[int, dict] = {}  # the trace's own blocks alive at the peak: replayed up to it
+    for e in trace[:at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
             live.pop(e["addr"], None)
+    best_live = list(live.values())
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for e in best_live:
         g = groups[_where(e.get("frames", []))]
@@ -168,7 +175,7 @@ def probe(cfg, device: torch.device, label: str = "") -> dict:
            "forecast_gib": round(predicted.allocated, 3),
            "forecast_categories_gib": {k: round(v, 3) for k, v in predicted.categories.items()}}
     _release(device)
-    out["allocated_before_build_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+    out["allocated_before_build_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 3)
     step = None
     try:
         step = build_step(cfg, device)
@@ -178,8 +185,8 @@ def probe(cfg, device: torch.device, label: str = "") -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        out["measured_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        out["measured_requested_gib"] = round(requested(device, "peak") / 2**30, 3)
+        out["measured_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
+        out["measured_requested_gib"] = round(requested(device, "peak") / GIB, 3)
         before = requested(device)
         out["at_peak"] = live_at_peak(trace_of(device, step), before)
         with OpTransients(device) as ops:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from setr_lowmem.config import benchmark_rows
+from setr_lowmem.config import Config, benchmark_rows, load_config
 
 # the reference's plain step in this toolkit's terms: the benchmark's baseline row, every lever off
 PLAIN = benchmark_rows()[0][1]
@@ -31,6 +31,12 @@ class Row:
     reserved: float | None  # GiB, measured peak reserved (None: not given)
     expandable: bool = False  # measured with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     accumulation: int = 1
+
+    def configured(self) -> Config:
+        """This toolkit's configuration of the row's step (random initial weights)."""
+        return load_config(self.config, [*PLAIN, *self.overrides, "model.pretrained=",
+                                         f"train.micro_batch={self.micro_batch}",
+                                         f"train.total_batch={self.micro_batch * self.accumulation}"])
 
 
 ROWS = [
