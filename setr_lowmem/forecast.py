@@ -171,7 +171,7 @@ def _keep_head_outputs(module: torch.nn.Module, kept: list[torch.Tensor]) -> Non
     from setr_lowmem.model.loss import HeadLoss, resized_cross_entropy
 
     def keeping(logits, scale, labels, cfg):
-        full = upsample(logits, scale) if scale > 1 else logits
+        full = upsample(logits, scale)
         kept.append(full)
         return resized_cross_entropy(full, 1, labels, cfg)
 

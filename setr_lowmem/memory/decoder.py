@@ -34,7 +34,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from setr_lowmem.config import LossConfig
-from setr_lowmem.model.heads import MLAHead, UpHead, Upsample
+from setr_lowmem.model.heads import MLAHead, UpHead, Upsample, upsample
 from setr_lowmem.model.loss import HeadLoss, seg_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def fused_upsample_cross_entropy(logits: torch.Tensor, scale: int, labels: torch
     (`upsample_cross_entropy`), so its full-resolution logits never exist."""
     if scale > 1 and (logits.shape[-2] * scale, logits.shape[-1] * scale) != tuple(labels.shape[-2:]):
         # the head's own last upsample does not end at the label's size: keep it, fuse the resize after
-        logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+        logits = upsample(logits, scale)
     return upsample_cross_entropy(logits, labels, cfg.ignore_index, cfg.avg_non_ignore, backend=backend)
 
 

@@ -19,7 +19,8 @@ def layer_norm_2d(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    """Bilinear upsampling by `scale` (align_corners=False); `x` itself at scale 1."""
+    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False) if scale > 1 else x
 
 
 class ConvModule(nn.Module):
@@ -107,7 +108,7 @@ class UpHead(ClassifierHead):
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         logits, scale = self.forward_deferred(inputs)
-        return upsample(logits, scale) if scale > 1 else logits
+        return upsample(logits, scale)
 
 
 class MLANeck(nn.Module):
@@ -170,7 +171,7 @@ class MLAHead(ClassifierHead):
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         logits, scale = self.forward_deferred(inputs)
-        return upsample(logits, scale) if scale > 1 else logits
+        return upsample(logits, scale)
 
 
 class FCNAuxHead(ClassifierHead):

@@ -52,9 +52,7 @@ Criterion = Callable[[torch.Tensor, int, torch.Tensor, LossConfig], torch.Tensor
 
 def resized_cross_entropy(logits: torch.Tensor, scale: int, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """The plain criterion: the head's last upsample (by `scale`), then `seg_cross_entropy`."""
-    if scale > 1:
-        logits = upsample(logits, scale)
-    return seg_cross_entropy(logits, labels, cfg.ignore_index, cfg.avg_non_ignore)
+    return seg_cross_entropy(upsample(logits, scale), labels, cfg.ignore_index, cfg.avg_non_ignore)
 
 
 class HeadLoss(nn.Module):
