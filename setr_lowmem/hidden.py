@@ -17,7 +17,6 @@ GPU's peak differ, these tools say by how much and where:
 
 from __future__ import annotations
 
-import gc
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from setr_lowmem.profiler import GIB
+from setr_lowmem.profiler import GIB, release
 
 MIB = 2**20
 
@@ -174,7 +173,7 @@ def probe(cfg, device: torch.device, label: str = "") -> dict:
     out = {"label": label or cfg.name, "micro_batch": cfg.train.micro_batch,
            "forecast_gib": round(predicted.allocated, 3),
            "forecast_categories_gib": {k: round(v, 3) for k, v in predicted.categories.items()}}
-    _release(device)
+    release(device)
     out["allocated_before_build_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 3)
     step = None
     try:
@@ -199,12 +198,5 @@ def probe(cfg, device: torch.device, label: str = "") -> dict:
         if step is not None:
             step.close()
         del step
-        _release(device)
+        release(device)
     return out
-
-
-def _release(device: torch.device) -> None:
-    """Whatever an earlier step left (cycles included) back to the card."""
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()

@@ -11,7 +11,6 @@ instead of an exception.
 
 from __future__ import annotations
 
-import gc
 import logging
 import statistics
 import time
@@ -26,7 +25,7 @@ from setr_lowmem.config import Config, without_initial_weights
 from setr_lowmem.engine.step import Outcome, make_accelerator, prepare_step, reset_accelerate
 from setr_lowmem.model import build_setr
 from setr_lowmem.model.loss import SegmentationLoss
-from setr_lowmem.profiler import GIB, Breakdown, MemoryMeter, breakdown_step
+from setr_lowmem.profiler import GIB, Breakdown, MemoryMeter, breakdown_step, release
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +221,7 @@ def measure(cfg: Config, label: str = "", steps: int = 5, device: torch.device |
         if step is not None:
             step.close()
         del step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     return out
 
 

@@ -8,6 +8,7 @@ breakdown by category and phase (PyTorch's MemTracker), `memory_timeline_png` an
 
 from __future__ import annotations
 
+import gc
 import inspect
 import resource
 from collections.abc import Callable
@@ -17,6 +18,14 @@ import psutil
 import torch
 
 GIB = 2**30
+
+
+def release(device: torch.device) -> None:
+    """Give what an earlier step left (reference cycles included) back to the card."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 @dataclass
