@@ -1,5 +1,5 @@
 """The memory forecast against every GPU measurement there is: the reference's rows
-(`setr_lowmem.reference`, an H100) and, once they exist, the GPU suite's paper configs
+(`setr_lowmem.sizing.reference`, an H100) and, once they exist, the GPU suite's paper configs
 (`benchmarks/results/paper_<gpu>_<date>.json`). Writes `forecast_check_<date>.{md,json}`.
 
     python benchmarks/forecast_check.py [--out benchmarks/results]
@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 from setr_lowmem.cli import prepare_environment
 
 prepare_environment()
-from setr_lowmem import reference
+from setr_lowmem.sizing import reference
 from setr_lowmem.config import load_config
-from setr_lowmem.forecast import OVERHEADS, forecast
+from setr_lowmem.sizing.forecast import OVERHEADS, forecast
 
 
 def reference_rows() -> list[dict]:
@@ -82,7 +82,7 @@ def main() -> None:
     within = sum(g <= 0.10 for g in gaps)
     date = datetime.date.today().isoformat()
     lines = [f"# The memory forecast against GPU measurements, {date}", "",
-             "Predicted on fake tensors on a CPU (`setr_lowmem.forecast`, the full-size model as each row configures "
+             "Predicted on fake tensors on a CPU (`setr_lowmem.sizing.forecast`, the full-size model as each row configures "
              "it), measured on a GPU (the source column). The reference's rows are predicted as its plain "
              "PyTorch loop runs them: the model returns each head's full-size output and the loop holds it "
              "through the backward (`forecast(..., plain_loop=True)`; heads checkpointed with their loss "

@@ -17,7 +17,7 @@ from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
 from setr_lowmem.config import PAPER_CONFIGS, load_config  # noqa: E402
-from setr_lowmem.forecast import OVERHEADS, forecast  # noqa: E402
+from setr_lowmem.sizing.forecast import OVERHEADS, forecast  # noqa: E402
 
 
 

@@ -18,7 +18,7 @@ its time, so a run cut short still returns what it measured):
             against the same run uninterrupted                               resume_<gpu>_<date>.json
   memory    benchmarks/memory.py --cap-gib 24 at micro-batch 16 (--batches)  memory_<gpu>_<date>.*
   profile   torch.profiler over three steps of pup_ade20k as configured     profile_<gpu>_<date>.md
-  hidden    what the memory forecast cannot see (`setr_lowmem.hidden`): the
+  hidden    what the memory forecast cannot see (`setr_lowmem.sizing.gpu_overheads`): the
             CUDA context, cuBLAS workspaces, and for the forecast check's
             worst rows (as the toolkit runs them) the allocations alive at
             the peak and the operators' transients; on the CPU the
@@ -254,7 +254,7 @@ def stage_profile(s: Suite) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from setr_lowmem.config import load_config
-    from setr_lowmem.measure import benchmark_overrides, build_step
+    from setr_lowmem.sizing.measure import benchmark_overrides, build_step
 
     cuda = s.cuda
     device = torch.device("cuda" if cuda else "cpu")
@@ -292,7 +292,7 @@ def stage_profile(s: Suite) -> None:
         f"{p} {100 * t / total:.0f}%" for p, t in sorted(parts.items(), key=lambda x: -x[1])[:4]))
 
 
-# by (label, micro-batch) in `setr_lowmem.reference`: the forecast check's rows that miss by more than
+# by (label, micro-batch) in `setr_lowmem.sizing.reference`: the forecast check's rows that miss by more than
 # 10% (the first and third), one that does not (the second), and ZeRO-2 offload (-9.3%: its buffers)
 HIDDEN_ROWS = [("+ each head and its loss in one checkpoint", 16), ("head-and-loss checkpointing + classifier first", 16),
                ("head-and-loss + classifier first + SGD8bit", 2), ("ZeRO-2, optimizer offloaded (torch SGD), bf16", 16)]
@@ -301,9 +301,9 @@ HIDDEN_ROWS = [("+ each head and its loss in one checkpoint", 16), ("head-and-lo
 def stage_hidden(s: Suite) -> None:
     import torch
 
-    from setr_lowmem import reference
-    from setr_lowmem.forecast import forecast
-    from setr_lowmem.hidden import context, probe
+    from setr_lowmem.sizing import reference
+    from setr_lowmem.sizing.forecast import forecast
+    from setr_lowmem.sizing.gpu_overheads import context, probe
 
     device = torch.device("cuda")
     out: dict = {"gpu": s.tag, "date": s.date, "rows": []}

@@ -3,7 +3,7 @@
     python benchmarks/targets.py --cap-gib 24                  # every case (GPU: about 5 min each)
     python benchmarks/targets.py --cap-gib 24 --case ade20k-mb16
 
-For each case the auto-fit planner (`setr_lowmem.plan.search`) measures the candidate plans
+For each case the auto-fit planner (`setr_lowmem.sizing.planner.search`) measures the candidate plans
 (checkpointing policy x 32/8-bit states, at the case's micro-batch) with the decoder levers on
 (bf16, SDPA, classifier first, the fused upsample+CE, the matrix-product upsample backward,
 channels-last, compiled conv units) and keeps the fastest one within the case's device-level
@@ -32,9 +32,9 @@ from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
 from setr_lowmem.config import load_config, perf_levers  # noqa: E402
-from setr_lowmem.measure import (benchmark_overrides, device_tag, fmt, fmt_mfu, measure,  # noqa: E402
+from setr_lowmem.sizing.measure import (benchmark_overrides, device_tag, fmt, fmt_mfu, measure,  # noqa: E402
                                  set_memory_cap)
-from setr_lowmem.plan import POLICIES, apply_plan, search  # noqa: E402
+from setr_lowmem.sizing.planner import POLICIES, apply_plan, search  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,11 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a launcher's main; the toolkit's own errors print as `error: <one line>` (exit 2)."""
+    """Run a launcher's main in the prepared environment (`prepare_environment`); the toolkit's own
+    errors print as `error: <one line>` (exit 2)."""
     from setr_lowmem.errors import SetrError
 
+    prepare_environment()
     try:
         main()
     except SetrError as err:

@@ -16,7 +16,7 @@ from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
 from setr_lowmem.memory.decoder import (apply_decoder_rewrites, bilinear_matrix, upsample_cross_entropy,
                                         upsample_matmul_backward)
 from setr_lowmem.model import build_setr
-from setr_lowmem.profiler import breakdown_step
+from setr_lowmem.sizing.meters import breakdown_step
 from tests.conftest import tiny_config
 
 
@@ -185,7 +185,7 @@ def test_fused_loss_needs_less_memory(policy, monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import setr_lowmem.memory.decoder as decoder
-    from setr_lowmem.forecast import _fake_module
+    from setr_lowmem.sizing.forecast import _fake_module
 
     monkeypatch.setattr(decoder, "BAND_PIXELS", 16 * 128)  # 16 rows: what 64 rows are to a 512 crop
     peaks = {}

@@ -156,8 +156,8 @@ def test_label_maps_are_palette_pngs_and_overlays_have_a_legend(tmp_path):
 
 
 def test_the_planner_does_not_let_noise_choose_between_equally_fast_plans():
-    from setr_lowmem.measure import Measurement
-    from setr_lowmem.plan import Plan, pick
+    from setr_lowmem.sizing.measure import Measurement
+    from setr_lowmem.sizing.planner import Plan, pick
 
     def tried(speed_b: float):
         a = (Plan(16, "none", 32, False), Measurement("a", 16, img_s=100.0, allocated=20.0))

@@ -9,8 +9,8 @@ import torch
 
 from setr_lowmem.commands.benchmark import row_overrides
 from setr_lowmem.config import load_config, with_overrides
-from setr_lowmem.forecast import forecast
-from setr_lowmem.measure import benchmark_overrides, measure
+from setr_lowmem.sizing.forecast import forecast
+from setr_lowmem.sizing.measure import benchmark_overrides, measure
 
 
 # rows of benchmarks/memory.py: checkpointing with recomputation; every CPU lever at once (the
@@ -52,7 +52,7 @@ def test_the_zero2_buffers_accounted_are_the_ones_a_real_engine_holds():
     import json
     import sys
 
-    from setr_lowmem.forecast import zero2_buffers
+    from setr_lowmem.sizing.forecast import zero2_buffers
     from tests.helpers import run
 
     engines = json.loads(run([sys.executable, "tests/zero2_buffers.py"]).stdout.strip().splitlines()[-1])
@@ -65,7 +65,7 @@ def test_the_zero2_buffers_accounted_are_the_ones_a_real_engine_holds():
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
 def test_the_forecast_counts_the_zero2_buffers_alive_at_its_peak(offload):
     from setr_lowmem.engine.step import build_for_training
-    from setr_lowmem.forecast import zero2_buffers
+    from setr_lowmem.sizing.forecast import zero2_buffers
 
     over = ["memory.deepspeed.stage=2"] + (["memory.deepspeed.offload_optimizer=true"] if offload else [])
     # a step that peaks in its backward (some gradients made, not all) holds the bucket there, not yet
@@ -108,8 +108,8 @@ def test_the_triton_loss_operators_fake_kernels_hold_what_the_real_kernels_hold(
 
 
 def test_the_planner_predicts_every_plan_and_the_first_that_fits_each_card():
-    from setr_lowmem import forecast as fc
-    from setr_lowmem.plan import predict
+    from setr_lowmem.sizing import forecast as fc
+    from setr_lowmem.sizing.planner import predict
 
     cfg = load_config("pup_ade20k", benchmark_overrides([], False) + ["train.micro_batch=2", "train.total_batch=4"])
     fc._STEPS.clear()
@@ -158,9 +158,9 @@ def test_cuda_autocast_rules_on_the_cpu_cast_as_cuda_autocast_does(levers):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from setr_lowmem.cuda_autocast import cuda_rules
+    from setr_lowmem.sizing.cuda_rules import cuda_rules
     from setr_lowmem.engine.step import build_for_training
-    from setr_lowmem.forecast import _fake_module
+    from setr_lowmem.sizing.forecast import _fake_module
 
     # eager attention: SDPA on fake CUDA tensors cannot ask the device for its fused kernels
     over = ["memory.attention=eager", "memory.precision=bf16", "memory.fused_upsample_backend=torch"]
@@ -226,7 +226,7 @@ def test_a_plain_loop_holds_each_heads_full_size_output_through_the_backward():
 def test_a_memory_trace_replays_to_its_peak_and_what_was_alive_there():
     """`hidden.live_at_peak` on an allocator trace of known shape: blocks from before the recording
     freed during it lower the running total, and the peak's live set is the trace's own blocks."""
-    from setr_lowmem.hidden import MIB, PACKAGE, live_at_peak
+    from setr_lowmem.sizing.gpu_overheads import MIB, PACKAGE, live_at_peak
 
     ours = [{"filename": "/x/site-packages/torch/nn/modules/conv.py", "line": 5, "name": "_conv_forward"},
             {"filename": PACKAGE + "model/heads.py", "line": 40, "name": "forward"}]

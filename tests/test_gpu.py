@@ -1,6 +1,6 @@
 """The GPU paths, on CUDA: the compiled Triton kernels at the paper's shapes, the matmul upsample
 backward, bitsandbytes' 8-bit SGD, DeepSpeed ZeRO-2 with optimizer offload through accelerate,
-compiled conv units, and the tools that find what the memory forecast cannot see (`setr_lowmem.hidden`).
+compiled conv units, and the tools that find what the memory forecast cannot see (`setr_lowmem.sizing.gpu_overheads`).
 Deselected by default (`pyproject.toml`: -m "not gpu"); on a GPU machine `python -m pytest -m gpu`
 runs them (`benchmarks/gpu_suite.py` does, as its first stage)."""
 
@@ -88,7 +88,7 @@ def test_8bit_sgd_step_follows_torch_sgd():
 
 
 def _losses(cfg) -> list[float]:
-    from setr_lowmem.measure import measure
+    from setr_lowmem.sizing.measure import measure
 
     m = measure(cfg, label="gpu", steps=3, device=CUDA, breakdown=False)
     assert m.fits, m.note
@@ -111,7 +111,7 @@ def test_compiled_conv_units_equal_the_eager_step():
 
 
 def test_a_recorded_step_replays_to_the_allocators_peak():
-    from setr_lowmem.hidden import MIB, live_at_peak, requested, trace_of
+    from setr_lowmem.sizing.gpu_overheads import MIB, live_at_peak, requested, trace_of
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
                                 torch.nn.Conv2d(32, 8, 1)).to(CUDA)
@@ -136,7 +136,7 @@ def test_a_recorded_step_replays_to_the_allocators_peak():
 
 
 def test_operator_transients_see_an_operators_temporary_buffers():
-    from setr_lowmem.hidden import OpTransients
+    from setr_lowmem.sizing.gpu_overheads import OpTransients
 
     x = torch.randn(1 << 22, device=CUDA)
     with OpTransients(CUDA) as ops:

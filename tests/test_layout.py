@@ -15,12 +15,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "setr_lowmem"
 
 # Lowest first: a module may import from its own floor or below, never from above.
 FLOORS = [
-    ("setr_lowmem.errors", "setr_lowmem.config", "setr_lowmem.profiler", "setr_lowmem.reference",
-     "setr_lowmem.cuda_autocast"),
+    ("setr_lowmem.errors", "setr_lowmem.config", "setr_lowmem.sizing.meters", "setr_lowmem.sizing.reference",
+     "setr_lowmem.sizing.cuda_rules"),
     ("setr_lowmem.model", "setr_lowmem.data"),
     ("setr_lowmem.memory",),
     ("setr_lowmem.engine",),
-    ("setr_lowmem.measure", "setr_lowmem.plan", "setr_lowmem.forecast", "setr_lowmem.cli", "setr_lowmem.hidden"),
+    ("setr_lowmem.sizing", "setr_lowmem.cli"),
     ("setr_lowmem.commands",),
 ]
 

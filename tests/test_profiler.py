@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from setr_lowmem.config import load_config
-from setr_lowmem.measure import build_step, measure, train_flops_per_image
-from setr_lowmem.plan import apply_plan, search
-from setr_lowmem.profiler import Peaks, breakdown_step, fit_line, memory_timeline_png, timeline_peak
+from setr_lowmem.sizing.measure import build_step, measure, train_flops_per_image
+from setr_lowmem.sizing.planner import apply_plan, search
+from setr_lowmem.sizing.meters import Peaks, breakdown_step, fit_line, memory_timeline_png, timeline_peak
 from tests.helpers import ROOT, run
 
 TINY = ["model.embed_dim=128", "model.depth=2", "model.num_heads=4", "model.out_indices=[0,0,1,1]",
@@ -45,7 +45,7 @@ def test_the_root_only_tracker_reports_what_the_stock_tracker_does(monkeypatch):
     """breakdown_step's tracker skips the submodules' peaks (speed); its results equal MemTracker's."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from setr_lowmem import profiler
+    from setr_lowmem.sizing import meters as profiler
 
     step = build_step(cfg("memory.precision=fp32", "memory.checkpointing=blocks"), torch.device("cpu"))
     step()
@@ -98,13 +98,13 @@ def test_planner_picks_a_plan_that_runs_under_a_small_budget():
 
 
 def apply_plan_args(base, mb, policy, bits):
-    from setr_lowmem.plan import Plan
+    from setr_lowmem.sizing.planner import Plan
 
     return apply_plan(base, Plan(mb, policy, bits, False))
 
 
 def test_planner_command_line_prints_every_plan_and_the_overrides():
-    proc = run([sys.executable, "-m", "setr_lowmem.plan", "--cfg", "test_tiny", "--budget-gib", "0.02", "--steps", "2"])
+    proc = run([sys.executable, "launch/plan.py", "--cfg", "test_tiny", "--budget-gib", "0.02", "--steps", "2"])
     assert "no GPU: measuring on the CPU" in proc.stdout
     assert "chosen: micro-batch" in proc.stdout and "as overrides: train.micro_batch=" in proc.stdout
     assert proc.stdout.count(" GiB") >= 2

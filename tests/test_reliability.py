@@ -173,8 +173,8 @@ def test_sigterm_to_the_process_group_saves_despite_dataloader_workers(tmp_path)
 
 def test_the_planner_gives_back_the_memory_cap_it_found(monkeypatch):
     """train.py --cap-gib 12 --auto-fit 10: after the search the process is capped at 12 GiB again."""
-    from setr_lowmem import measure as measure_mod
-    from setr_lowmem import plan as plan_mod
+    from setr_lowmem.sizing import measure as measure_mod
+    from setr_lowmem.sizing import planner as plan_mod
     from setr_lowmem.config import load_config
 
     fractions = []

@@ -19,7 +19,7 @@ from setr_lowmem.cli import prepare_environment
 
 prepare_environment()
 from setr_lowmem.config import with_overrides
-from setr_lowmem.measure import build_step
+from setr_lowmem.sizing.measure import build_step
 from tests.conftest import tiny_config
 
 

@@ -29,11 +29,9 @@ from pathlib import Path
 
 import torch
 
-from setr_lowmem.cli import prepare_environment, run_main
-
-prepare_environment()
-from setr_lowmem.config import benchmark_rows, load_config  # noqa: E402
-from setr_lowmem.measure import (  # noqa: E402
+from setr_lowmem.cli import run_main
+from setr_lowmem.config import benchmark_rows, load_config
+from setr_lowmem.sizing.measure import (
     benchmark_overrides,
     build_step,
     device_tag,
@@ -42,7 +40,7 @@ from setr_lowmem.measure import (  # noqa: E402
     measure,
     set_memory_cap,
 )
-from setr_lowmem.profiler import memory_timeline_png, record_snapshot  # noqa: E402
+from setr_lowmem.sizing.meters import memory_timeline_png, record_snapshot
 
 # (row name, overrides added to every row before it, GPU only): from the config fields' lever facts
 ROWS = benchmark_rows()

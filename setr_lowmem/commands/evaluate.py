@@ -11,9 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from setr_lowmem.cli import fail, prepare_environment, run_main
+from setr_lowmem.cli import fail, run_main
 
-prepare_environment()
 
 MS_SCALES = "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]"
 

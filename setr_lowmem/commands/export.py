@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from setr_lowmem.cli import fail, prepare_environment, run_main
-
-prepare_environment()
+from setr_lowmem.cli import fail, run_main
 
 
 def main() -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from setr_lowmem.cli import fail, prepare_environment, run_main
+from setr_lowmem.cli import fail, run_main
 
-prepare_environment()
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -2,7 +2,7 @@
 
 Also runs as plain `python launch/train.py ...`. `--resume auto` continues from the newest
 complete checkpoint of the run; `--resume PATH` from a given one. `--auto-fit GIB` first
-picks the fastest memory plan that fits that budget (see `python -m setr_lowmem.plan`).
+picks the fastest memory plan that fits that budget (see `setr-plan`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import argparse
 import os
 import sys
 
-from setr_lowmem.cli import fail, prepare_environment, run_main
-
-prepare_environment()
+from setr_lowmem.cli import fail, run_main
 
 
 def main() -> None:
@@ -37,13 +35,13 @@ def main() -> None:
     if args.cap_gib is not None:
         import torch
 
-        from setr_lowmem.measure import set_memory_cap
+        from setr_lowmem.sizing.measure import set_memory_cap
 
         if not torch.cuda.is_available():
             fail("--cap-gib needs a GPU")
         set_memory_cap(args.cap_gib, torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     if args.auto_fit is not None:
-        from setr_lowmem.plan import auto_fit
+        from setr_lowmem.sizing.planner import auto_fit
 
         cfg = auto_fit(cfg, args.auto_fit)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)

@@ -29,7 +29,7 @@ from setr_lowmem.engine.evaluate import evaluate
 from setr_lowmem.engine.rundir import RunLock, writable_dir
 from setr_lowmem.engine.step import TrainingStep, make_accelerator, prepare_step, warn_single_process_launch
 from setr_lowmem.errors import SetrError
-from setr_lowmem.profiler import MemoryMeter, fit_line
+from setr_lowmem.sizing.meters import MemoryMeter, fit_line
 
 log = logging.getLogger("setr_lowmem")
 
@@ -245,7 +245,7 @@ def iterate(run: Run) -> bool:
             f"CUDA out of memory at iteration {it + 1} (peak {peaks.allocated:.1f} GiB allocated, "
             f"{peaks.reserved:.1f} GiB reserved): lower train.micro_batch (accumulation keeps the batch), "
             "set memory.checkpointing=full, memory.precision=bf16, optim.bits=8, or "
-            "memory.deepspeed.stage=2 with offload_optimizer; `python -m setr_lowmem.plan` picks a plan "
+            "memory.deepspeed.stage=2 with offload_optimizer; `setr-plan` picks a plan "
             f"({str(err).splitlines()[0]})") from None
     state.iteration += 1
     run.meter.sample()

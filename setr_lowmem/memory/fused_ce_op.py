@@ -1,7 +1,7 @@
 """The Triton fused upsample + cross-entropy as PyTorch operators (`torch.library.custom_op`).
 
 As registered operators, the kernels get a fake implementation (the same output shapes and the
-same temporaries, no arithmetic), which is what lets the memory forecast (`setr_lowmem.forecast`)
+same temporaries, no arithmetic), which is what lets the memory forecast (`setr_lowmem.sizing.forecast`)
 run a step that uses them on fake tensors, and they stay opaque to `torch.compile`. Triton is
 imported when a kernel first runs, not here.
 """

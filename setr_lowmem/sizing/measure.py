@@ -25,7 +25,7 @@ from setr_lowmem.config import Config, without_initial_weights
 from setr_lowmem.engine.step import Outcome, make_accelerator, prepare_step, reset_accelerate
 from setr_lowmem.model import build_setr
 from setr_lowmem.model.loss import SegmentationLoss
-from setr_lowmem.profiler import GIB, Breakdown, MemoryMeter, breakdown_step, release
+from setr_lowmem.sizing.meters import GIB, Breakdown, MemoryMeter, breakdown_step, release
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Auto-fit: choose the fastest memory plan that fits a budget, keeping the effective batch.
 
-    python -m setr_lowmem.plan --cfg pup_ade20k.yaml --budget-gib 24
-    python -m setr_lowmem.plan --cfg pup_ade20k.yaml --predict --cards 8 12 16 24   (no GPU needed)
+    setr-plan --cfg pup_ade20k.yaml --budget-gib 24
+    setr-plan --cfg pup_ade20k.yaml --predict --cards 8 12 16 24   (no GPU needed)
     python launch/train.py --cfg pup_ade20k.yaml --auto-fit 24
 
 A plan is a micro-batch (a divisor of `train.total_batch`; accumulation makes up the rest),
 an activation-checkpointing policy, 32- or 8-bit optimizer states, and (on a GPU) ZeRO-2
 with the optimizer offloaded to the CPU. Every candidate is measured with a few real
-training steps (`setr_lowmem.measure`): for each technique set, micro-batches are tried from
+training steps (`setr_lowmem.sizing.measure`): for each technique set, micro-batches are tried from
 the largest down until one fits, and the fastest plan under the budget wins (plans within 5% of
 it count as equally fast, and the one of them with the most memory to spare is chosen). The budget is
 checked against the device-level peak on a GPU (what the card must hold, CUDA context
@@ -18,16 +18,14 @@ techniques too.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from setr_lowmem.config import Config, ConfigError, load_config, with_overrides
-from setr_lowmem.measure import Measurement, measure, memory_cap, set_memory_cap
+from setr_lowmem.config import Config, ConfigError, with_overrides
+from setr_lowmem.sizing.measure import Measurement, measure, memory_cap, set_memory_cap
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +149,8 @@ def auto_fit(cfg: Config, budget_gib: float, steps: int = 3, report=print) -> Co
 
 def predict(cfg: Config, cards: list[float], micro_batches: list[int] | None = None, report=print) -> list:
     """Every plan (each technique set at each micro-batch, the config's by default) forecast on fake
-    tensors, no GPU needed (`setr_lowmem.forecast`); prints which fit each card. Returns (plan, forecast)s."""
-    from setr_lowmem.forecast import forecast
+    tensors, no GPU needed (`setr_lowmem.sizing.forecast`); prints which fit each card. Returns (plan, forecast)s."""
+    from setr_lowmem.sizing.forecast import forecast
 
     sizes = micro_batches or [cfg.train.micro_batch]
     bad = [b for b in sizes if cfg.train.total_batch % b]
@@ -174,38 +172,3 @@ def predict(cfg: Config, cards: list[float], micro_batches: list[int] | None = N
         report(f"{c:g} GB card: " + (f"{first.describe(cfg)} (the first that fits, in the planner's order from "
                                      "fastest to most frugal)" if first else "no plan is predicted to fit"))
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m setr_lowmem.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", required=True)
-    parser.add_argument("--budget-gib", type=float, help="measure plans on this machine within this budget")
-    parser.add_argument("--predict", action="store_true",
-                        help="forecast every plan on fake tensors instead of measuring (no GPU needed)")
-    parser.add_argument("--cards", type=float, nargs="+", default=[8, 12, 16, 24], help="with --predict: card sizes, GB")
-    parser.add_argument("--micro-batches", type=int, nargs="+", help="with --predict: micro-batches (default: the config's)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args()
-    from setr_lowmem.cli import prepare_environment, run_main
-
-    prepare_environment()
-    if args.predict:
-        run_main(lambda: predict(load_config(args.cfg, list(args.overrides) + ["model.pretrained="]), args.cards,
-                                 args.micro_batches))
-        return
-    if args.budget_gib is None:
-        parser.error("give --budget-gib (measure plans here) or --predict (forecast them)")
-    if not torch.cuda.is_available():
-        print("no GPU: measuring on the CPU (budget checked against PyTorch's MemTracker peak)")
-
-    def run() -> None:
-        cfg = load_config(args.cfg, list(args.overrides) + ["model.pretrained="])
-        auto_fit(cfg, args.budget_gib, steps=args.steps)
-
-    run_main(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

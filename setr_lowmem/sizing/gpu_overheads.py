@@ -1,6 +1,6 @@
 """What a training step holds on a GPU that its tensors do not show, measured on the GPU.
 
-The memory forecast (`setr_lowmem.forecast`) runs the step on fake tensors, so it sees every
+The memory forecast (`setr_lowmem.sizing.forecast`) runs the step on fake tensors, so it sees every
 tensor and nothing else: not the CUDA context, not the cuBLAS workspaces, not what an operator
 takes while it runs (cuDNN's workspaces, a kernel's internal buffers). Where its prediction and a
 GPU's peak differ, these tools say by how much and where:
@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from setr_lowmem.profiler import GIB, release
+from setr_lowmem.sizing.meters import GIB, release
 
 MIB = 2**20
 
@@ -166,8 +166,8 @@ def probe(cfg, device: torch.device, label: str = "") -> dict:
     forecast's, what was alive at the peak (memory history of one step) and the operators with the
     largest transients (another step). Two warm-up steps first: optimizer states, kernel choices.
     What one part measured is kept when a later one fails (`error`)."""
-    from setr_lowmem.forecast import forecast
-    from setr_lowmem.measure import build_step
+    from setr_lowmem.sizing.forecast import forecast
+    from setr_lowmem.sizing.measure import build_step
 
     predicted = forecast(cfg, label)
     out = {"label": label or cfg.name, "micro_batch": cfg.train.micro_batch,

@@ -6,7 +6,7 @@ float32 (the CPU keeps them in bf16), and computes a cross-entropy's log-softmax
 dtype before casting for the NLL (the CPU casts the logits to float32 first); it leaves a
 concatenation of mixed dtypes to type promotion where the CPU's inserts a copy. For the decoder's
 full-resolution tensors these rules decide several GiB at the paper's batch, so the memory
-forecast (`setr_lowmem.forecast`) runs its fake CPU step under `cuda_rules()`.
+forecast (`setr_lowmem.sizing.forecast`) runs its fake CPU step under `cuda_rules()`.
 
 The rules below are the ones where the two lists differ for the operators a SETR step calls;
 `tests/test_forecast.py` checks them against CUDA's own autocast on fake CUDA tensors (the

@@ -1,6 +1,6 @@
 """Will it fit, without the card: a configuration's peak memory predicted on any machine.
 
-    python -m setr_lowmem.forecast --cfg pup_ade20k.yaml [--cards 8 12 16 24] [key=value ...]
+    setr-forecast --cfg pup_ade20k.yaml [--cards 8 12 16 24] [key=value ...]
 
 The model is built as training builds it, with every technique applied (`engine.step`), on the
 CPU; its weights then become fake tensors (PyTorch's FakeTensorMode: shapes, dtypes and
@@ -10,7 +10,7 @@ profiler and the benchmark use on real tensors. What is computed, and what is ac
 
 - computed: parameters, gradients, SGD/AdamW states, activations and temporaries, for every
   checkpointing policy (recomputation included), bf16 autocast (CUDA's rules where they differ
-  from the CPU's, `setr_lowmem.cuda_autocast`; the CPU's for a CPU forecast),
+  from the CPU's, `setr_lowmem.sizing.cuda_rules`; the CPU's for a CPU forecast),
   the decoder rewrites (the fused loss's Triton kernels through their operators' fake
   implementations, `memory.fused_ce_op`; its PyTorch bands as they run);
 - accounted from documented byte counts: bitsandbytes' 8-bit states (one byte per value, a
@@ -19,12 +19,11 @@ profiler and the benchmark use on real tensors. What is computed, and what is ac
   and buffers (DeepSpeed's sizes, checked against a real engine) and bf16 weights;
 - added as constants with their source (`Overheads`): cuBLAS's and cuBLASLt's workspaces (in
   the allocated figure: PyTorch takes them from its caching allocator), the allocator's reserve
-  over allocated (measured ratios of `setr_lowmem.reference`), and the CUDA context (device-level).
+  over allocated (measured ratios of `setr_lowmem.sizing.reference`), and the CUDA context (device-level).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import time
@@ -34,14 +33,14 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from setr_lowmem import reference
-from setr_lowmem.config import Config, load_config, with_overrides, without_initial_weights
-from setr_lowmem.cuda_autocast import cuda_rules
+from setr_lowmem.config import Config, with_overrides, without_initial_weights
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder
 from setr_lowmem.memory.deepspeed import BUCKET
 from setr_lowmem.memory.optim import build_optimizer
-from setr_lowmem.profiler import GIB, breakdown_step
+from setr_lowmem.sizing import reference
+from setr_lowmem.sizing.cuda_rules import cuda_rules
+from setr_lowmem.sizing.meters import GIB, breakdown_step
 
 BNB_MIN = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits
 BNB_BLOCK = 256  # values per float32 scale of a blockwise 8-bit state
@@ -288,19 +287,3 @@ def report(cfg: Config, cards: list[float]) -> str:
     says = {"fits": "fits", "likely": "likely fits (not at the worst measured reserve)", "no": "does not fit"}
     lines += [f"  {c:g} GB card: {says[f.verdict(c)]}" for c in cards]
     return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m setr_lowmem.forecast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", required=True)
-    parser.add_argument("--cards", type=float, nargs="+", default=[8, 12, 16, 24])
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args()
-    from setr_lowmem.cli import run_main
-
-    run_main(lambda: print(report(load_config(args.cfg, args.overrides), args.cards)))
-
-
-if __name__ == "__main__":
-    main()
