@@ -30,7 +30,7 @@ def reference_rows() -> list[dict]:
         if not r.config:
             continue
         f = forecast(r.configured(), label=r.label, plain_loop=True)  # the reference is a plain PyTorch loop
-        out.append(compared("shared/reference-measurements.md (H100, plain PyTorch)", r.config, f, r.allocated,
+        out.append(compared("docs/reference-measurements.md (H100, plain PyTorch)", r.config, f, r.allocated,
                             r.reserved, r.expandable))
         print(f"{r.label}, mb {r.micro_batch}: predicted {f.allocated:.2f} GiB, measured {r.allocated:.2f} "
               f"({f.seconds:.0f} s)", flush=True)

@@ -17,7 +17,7 @@ from setr_lowmem.model import build_setr, count_parameters
 from setr_lowmem.model.encoder import WeightsError
 from tests.conftest import tiny_config
 
-# shared/setr-spec.md, "Parameter counts": (config, aux heads) -> millions
+# docs/setr-spec.md, "Parameter counts": (config, aux heads) -> millions
 SPEC_COUNTS = {
     ("naive_ade20k", True): 305.56, ("pup_ade20k", True): 317.29, ("mla_ade20k", True): 309.57,
     ("naive_cityscapes", True): 306.54, ("pup_cityscapes", True): 318.47, ("mla_cityscapes", True): 310.68,
@@ -33,7 +33,7 @@ def test_parameter_counts_match_the_spec(name, aux):
     assert round(count_parameters(model) / 1e6, 2) == SPEC_COUNTS[(name, aux)]
 
 
-# mmsegmentation 1.2.2's own count of its SETR configs (shared/setr-spec.md; tests/data/mmseg_ref/param_counts.json)
+# mmsegmentation 1.2.2's own count of its SETR configs (docs/setr-spec.md; tests/data/mmseg_ref/param_counts.json)
 MMSEG_EXACT = {"naive_ade20k": 305_557_592, "pup_ade20k": 317_290_072, "mla_ade20k": 309_569_262,
                "naive_cityscapes": 306_535_500, "pup_cityscapes": 318_466_124, "mla_cityscapes": 310_678_111}
 

@@ -2,9 +2,10 @@
 
 `expandable_segments:True` lets the allocator grow one mapped segment instead of caching
 many fixed-size blocks, so memory freed by one phase (the decoder's full-resolution tensors
-in forward) can be reused by the next (backward) without fragmentation: measured on an H100
-with plain SETR-PUP at batch 16, reserved memory fell from 21.9 to 18.2 GiB for the same
-allocated peak. It must be set before the first CUDA allocation; a value the user already set
+in forward) can be reused by the next (backward) without fragmentation: on an H100 with
+plain SETR-PUP at batch 16 it lowered the reserved peak for the same allocated peak
+(docs/reference/h100_plain_pytorch.csv, the row "same, expandable segments" against the one
+before it). It must be set before the first CUDA allocation; a value the user already set
 is kept.
 """
 

@@ -11,8 +11,9 @@ during backward: memory for compute. The policies, from cheapest to most thoroug
   ``blocks`` for a small part of its recompute.
 - ``full``: every block, the MLA neck, and each decoder head *together with its loss*.
   A head's full-resolution tensors (its upsampled features, 150 x 512 x 512 logits and
-  their softmax) then never stay alive between forward and backward: on an H100 this alone
-  took SETR-PUP at batch 16 from 23.5 to 16.4 GiB allocated.
+  their softmax) then never stay alive between forward and backward: what this alone saved
+  on an H100 is measured in docs/reference/h100_plain_pytorch.csv (the rows "checkpoint blocks
+  and heads" and "each head and its loss in one checkpoint", SETR-PUP at batch 16).
 """
 
 from __future__ import annotations

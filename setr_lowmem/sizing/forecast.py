@@ -52,11 +52,12 @@ class Overheads:
 
     workspaces: float = 2 * 32 / 1024  # GiB: cuBLAS and cuBLASLt, 32 MiB each on Hopper (PyTorch #120925;
     # 4 MiB or less on older cards), taken from the caching allocator: part of the allocated peak
+    # the ratios below are read from docs/reference/h100_plain_pytorch.csv (`sizing.reference`)
     reserved: float = max(reference.reserved_ratios(expandable=True))  # reserved / allocated with expandable
-    # segments (the toolkit's allocator setting): the reference's one such row, 18.23 / 16.38
+    # segments (the toolkit's allocator setting): the reference's one such row
     reserved_high: float = max(reference.reserved_ratios(expandable=False))  # the worst ratio measured
-    # without them (23.51 -> 34.18 GiB): the bound a "fits" verdict keeps to
-    reserved_deepspeed: float = max(reference.reserved_ratios(deepspeed=True))  # ZeRO rows: 1.00 to 1.01
+    # without them (the row 'checkpoint blocks and heads'): the bound a "fits" verdict keeps to
+    reserved_deepspeed: float = max(reference.reserved_ratios(deepspeed=True))  # the ZeRO rows' higher ratio
     context: float = 0.5  # GiB outside PyTorch's allocator (CUDA context, loaded kernels): ~0.3 GiB with
     # CUDA's lazy loading (PyTorch #107667) plus the kernels a training step loads; an estimate until
     # the GPU suite's `hidden` stage measures device-level minus reserved (`hidden.context`)
