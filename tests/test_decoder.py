@@ -182,9 +182,8 @@ def test_triton_loss_and_matmul_upsample_backward_give_the_reference_gradients(d
 @pytest.mark.parametrize("policy", ["none", "full"])
 def test_fused_loss_needs_less_memory(policy, monkeypatch):
     """Full-resolution logits (and their softmax and gradient) are never alive for the whole image."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     import setr_lowmem.memory.decoder as decoder
+    from setr_lowmem.compat import FakeTensorMode
     from setr_lowmem.sizing.forecast import _fake_module
 
     monkeypatch.setattr(decoder, "BAND_PIXELS", 16 * 128)  # 16 rows: what 64 rows are to a 512 crop

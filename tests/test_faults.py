@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
+from setr_lowmem.compat import reset_accelerate_state
 from setr_lowmem.config import config_from_dict, config_to_dict
 from setr_lowmem.engine import train as train_mod
 from setr_lowmem.engine.checkpoint import list_checkpoints
@@ -16,9 +16,9 @@ from tests.conftest import tiny_config
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
 
 
 def config(tmp_path, **train):

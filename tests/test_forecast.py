@@ -85,16 +85,14 @@ def test_the_forecast_counts_the_zero2_buffers_alive_at_its_peak(offload):
 def test_the_triton_loss_operators_fake_kernels_hold_what_the_real_kernels_hold(dtype):
     """The fused loss's Triton kernels (real, under Triton's CPU interpreter) and their operators'
     fake implementations: the same tensors, seen by the same tracker, forward and backward."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
+    from setr_lowmem.compat import FakeTensorMode, mem_tracker
     from setr_lowmem.memory.decoder import upsample_cross_entropy
 
     def peak() -> tuple[dict, tuple]:
         low = torch.randn(2, 19, 12, 10, dtype=dtype).requires_grad_()
         labels = torch.randint(0, 19, (2, 48, 40))
         labels[:, :5] = 255
-        tracker = MemTracker()
+        tracker = mem_tracker().MemTracker()
         with tracker:
             loss = upsample_cross_entropy(low, labels, avg_non_ignore=True, backend="triton")
             loss.backward()
@@ -155,9 +153,7 @@ def test_cuda_autocast_rules_on_the_cpu_cast_as_cuda_autocast_does(levers):
     """The forecast's fake step runs on the CPU under `cuda_rules()`: its forward makes the same
     operators in the same dtypes and shapes as CUDA's own autocast on fake CUDA tensors (which run
     a forward without a GPU, not a backward), and without the rules it does not."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from setr_lowmem.compat import FakeTensorMode, TorchDispatchMode
     from setr_lowmem.sizing.cuda_rules import cuda_rules
     from setr_lowmem.engine.step import build_for_training
     from setr_lowmem.sizing.forecast import _fake_module

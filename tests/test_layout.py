@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "setr_lowmem"
 
 # Lowest first: a module may import from its own floor or below, never from above.
 FLOORS = [
-    ("setr_lowmem.errors", "setr_lowmem.config", "setr_lowmem.sizing.meters", "setr_lowmem.sizing.reference",
-     "setr_lowmem.sizing.cuda_rules"),
+    ("setr_lowmem.errors", "setr_lowmem.compat", "setr_lowmem.config", "setr_lowmem.sizing.meters",
+     "setr_lowmem.sizing.reference", "setr_lowmem.sizing.cuda_rules"),
     ("setr_lowmem.model", "setr_lowmem.data"),
     ("setr_lowmem.memory",),
     ("setr_lowmem.engine",),

@@ -43,9 +43,10 @@ def test_categories_add_up_to_the_measured_total():
 
 def test_the_root_only_tracker_reports_what_the_stock_tracker_does(monkeypatch):
     """breakdown_step's tracker skips the submodules' peaks (speed); its results equal MemTracker's."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
+    from setr_lowmem.compat import mem_tracker
     from setr_lowmem.sizing import meters as profiler
+
+    MemTracker = mem_tracker().MemTracker
 
     step = build_step(cfg("memory.precision=fp32", "memory.checkpointing=blocks"), torch.device("cpu"))
     step()

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.flop_counter import FlopCounterMode
 
+from setr_lowmem.compat import mem_tracker, reset_accelerate_state
 from setr_lowmem.memory.checkpointing import WRAPPER
 from setr_lowmem.model.loss import SegmentationLoss
 from setr_lowmem.engine.schedule import build_scheduler, poly_lr
@@ -46,13 +45,14 @@ def total_flops(module, images, labels) -> int:
 
 def peak_activations(module, images, labels) -> int:
     """Peak bytes of activations over forward + backward, as PyTorch's MemTracker attributes them."""
-    tracker = MemTracker()
+    mt = mem_tracker()
+    tracker = mt.MemTracker()
     tracker.track_external(module)
     with tracker:
         loss, _ = module(images, labels)
         loss.backward()
     peak = tracker.get_tracker_snapshot("peak")
-    return sum(stats[_MemRefType.ACT] for stats in peak.values())
+    return sum(stats[mt.MemRefType.ACT] for stats in peak.values())
 
 
 @pytest.mark.parametrize("decoder", ["pup", "mla"])
@@ -109,9 +109,9 @@ def test_eager_and_sdpa_attention_agree():
 
 @pytest.fixture
 def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
 
 
 def test_accumulation_equals_the_full_batch(fresh_accelerate):

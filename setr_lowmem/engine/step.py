@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                                set_seed)
 
+from setr_lowmem.compat import reset_accelerate_state
 from setr_lowmem.config import Config, ConfigError
 from setr_lowmem.engine.schedule import build_scheduler
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
@@ -100,7 +100,7 @@ def tracker(cfg: Config) -> str | None:
 def reset_accelerate() -> None:
     """Forget accelerate's process-wide state, so that the next Accelerator takes its own settings
     (the planner measures several configurations in one process, then training starts)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
 
 
 def build_for_training(cfg: Config, world: int = 1, device: torch.device | None = None):

@@ -23,9 +23,9 @@ import logging
 from functools import partial
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from setr_lowmem.compat import BatchNormBase, CheckpointImpl, checkpoint_wrapper
 from setr_lowmem.config import MemoryConfig
 from setr_lowmem.model.loss import SegmentationLoss
 
@@ -54,7 +54,7 @@ def _frozen_batchnorm_stats(module: torch.nn.Module):
     """During recomputation BatchNorm must normalise exactly as before (the same ops, the same
     saved tensors) but not update its running statistics a second time: momentum 0 makes the
     update `running * 1 + batch * 0`, and the batch counter is put back afterwards."""
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    norms = [m for m in module.modules() if isinstance(m, BatchNormBase)
              and m.track_running_stats and m.momentum is not None]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:

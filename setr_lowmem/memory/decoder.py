@@ -31,8 +31,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
+from setr_lowmem.compat import FakeTensor
 from setr_lowmem.config import LossConfig
 from setr_lowmem.model.heads import MLAHead, UpHead, Upsample, upsample
 from setr_lowmem.model.loss import HeadLoss, seg_cross_entropy

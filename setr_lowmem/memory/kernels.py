@@ -20,6 +20,8 @@ import logging
 import torch
 from torch import nn
 
+from setr_lowmem.compat import raise_recompile_limit
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +49,7 @@ def apply_compiled_convs(model: nn.Module) -> int:
     # All units share one code object (ConvModule.forward); every shape and dtype they meet (fp32
     # after a LayerNorm, bf16 after an upsample, per head and stage) is a variant counted
     # against one limit, past which Dynamo silently runs the rest eagerly.
-    limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.recompile_limit = limit
+    limit = raise_recompile_limit(64)
     n = 0
     for part in _decoder_modules(model):
         for module in part.modules():

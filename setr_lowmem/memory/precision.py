@@ -22,6 +22,8 @@ import torch
 from timm.layers import Attention
 from torch import nn
 
+from setr_lowmem.compat import BatchNormBase, SyncBatchNormFunction
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,7 @@ def apply_attention_kernel(model: nn.Module, kind: str) -> int:
     return n
 
 
-def _fp32_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def _fp32_batch_norm(self: BatchNormBase, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm computed in float32 on a bf16 input with bf16 weights; the output keeps the input dtype."""
     weight, bias = self.weight.float(), self.bias.float()
     track = not self.training or self.track_running_stats  # as nn.BatchNorm: untracked stats stay untouched
@@ -61,10 +63,8 @@ def _fp32_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     sync = (isinstance(self, nn.SyncBatchNorm) and self.training and torch.distributed.is_available()
             and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
     if sync:
-        from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFn
-
         group = self.process_group or torch.distributed.group.WORLD
-        out = SyncBatchNormFn.apply(x.float(), weight, bias, mean, var, self.eps, momentum,
+        out = SyncBatchNormFunction.apply(x.float(), weight, bias, mean, var, self.eps, momentum,
                                     group, torch.distributed.get_world_size(group))
     else:
         out = torch.nn.functional.batch_norm(x.float(), mean, var, weight, bias, self.training or mean is None,
@@ -80,7 +80,7 @@ def apply_fp32_batchnorm(model: nn.Module) -> int:
 
     n = 0
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
+        if isinstance(module, BatchNormBase) and module.affine and module.track_running_stats:
             module.forward = types.MethodType(_fp32_batch_norm, module)
             n += 1
     log.info("BatchNorm in float32 under bf16 weights: %d layers", n)

@@ -19,9 +19,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch.utils._pytree import tree_map
 
-_NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+from setr_lowmem.compat import destroy_library, nll_loss_nd, tree_map, without_cpu_autocast
+
 _LOW = (torch.bfloat16, torch.float16)
 
 # operators CUDA's autocast runs in float32 and the CPU's leaves in the input's dtype
@@ -41,14 +41,14 @@ def _up(x):
 def _fp32(op):
     def kernel(*args, **kwargs):
         args, kwargs = tree_map(_up, args), tree_map(_up, kwargs)
-        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+        with without_cpu_autocast():
             return op(*args, **kwargs)
     return kernel
 
 
 def _native(op):
     def kernel(*args, **kwargs):
-        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+        with without_cpu_autocast():
             return op(*args, **kwargs)
     return kernel
 
@@ -59,7 +59,7 @@ def _fp32_unless_dtype(op):
         given = kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in args)
         if low and not given:
             kwargs = {**kwargs, "dtype": torch.float32}
-        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+        with without_cpu_autocast():
             return op(*args, **kwargs)
     return kernel
 
@@ -69,10 +69,10 @@ def _cross_entropy(op):
     dtype, then the NLL, which autocast runs in float32."""
     def kernel(logits, target, weight=None, reduction=1, ignore_index=-100, label_smoothing=0.0):
         if label_smoothing or target.is_floating_point():  # not what SETR calls: the CPU's rule
-            with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+            with without_cpu_autocast():
                 return op(_up(logits), target, _up(weight), reduction, ignore_index, label_smoothing)
         log_p = torch.log_softmax(logits, 1 if logits.dim() > 1 else 0, logits.dtype)
-        return torch._C._nn.nll_loss_nd(log_p, target, weight, reduction, ignore_index)
+        return nll_loss_nd(log_p, target, weight, reduction, ignore_index)
     return kernel
 
 
@@ -90,4 +90,4 @@ def cuda_rules() -> Iterator[None]:
             lib.impl(name, make(op), "AutocastCPU")
         yield
     finally:
-        lib._destroy()
+        destroy_library(lib)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from setr_lowmem.compat import FakeTensorMode
 from setr_lowmem.config import Config, with_overrides, without_initial_weights
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder

@@ -22,9 +22,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from setr_lowmem.compat import (TorchDispatchMode, clear_cublas_workspaces, memory_snapshot, record_memory_history,
+                                tree_leaves)
 from setr_lowmem.sizing.meters import GIB, release
 
 MIB = 2**20
@@ -37,8 +37,7 @@ def context(device: torch.device) -> dict[str, float]:
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     outside = (total - free - torch.cuda.memory_reserved(device)) / MIB
-    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
-        torch._C._cuda_clearCublasWorkspaces()
+    clear_cublas_workspaces()
     a = torch.randn(1024, 1024, device=device, dtype=torch.bfloat16)
     before = torch.cuda.memory_allocated(device)
     out = a @ a
@@ -112,14 +111,14 @@ def trace_of(device: torch.device, fn) -> list[dict]:
     """The CUDA allocator's history (allocations with their Python stacks) over `fn()`: recording
     on, `fn` run and synchronised, recording off; earlier entries of the process dropped."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
+    record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
     try:
-        start = len(torch.cuda.memory._snapshot()["device_traces"][index])
+        start = len(memory_snapshot()["device_traces"][index])
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.memory._snapshot()["device_traces"][index][start:]
+        return memory_snapshot()["device_traces"][index][start:]
     finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
+        record_memory_history(enabled=None)
 
 
 def requested(device: torch.device, key: str = "current") -> int:

@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from setr_lowmem.compat import (dump_memory_snapshot, mem_tracker, record_memory_history, root_mem_tracker,
+                                timeline_category_names)
+
 GIB = 2**30
 
 
@@ -124,28 +127,9 @@ def _root_tracker(root: torch.nn.Module):
     """A MemTracker that keeps the per-phase peaks of `root` only. The stock tracker updates every
     submodule's peaks on every operator: a ViT-L's ~1,100 modules made one tracked full-size step
     take minutes (three quarters of a forecast's time), this one takes seconds; the totals and
-    `root`'s own states are the same (tests/test_profiler.py compares them with the stock tracker)."""
-    from copy import deepcopy
-
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
-
-    class RootMemTracker(MemTracker):
-        def _update_peak_stats(self, peak_state) -> None:
-            curr = self._curr_mem_snap
-            stats = self.memory_tracking.get(root)
-            if stats is not None and peak_state in stats.snapshots and stats.mod_fqn in self._mod_tracker.parents:
-                for dev, snap in curr.items():
-                    if stats.local_peak.get(dev, 0) < snap[_TOTAL_KEY]:
-                        stats.local_peak[dev] = snap[_TOTAL_KEY]
-                        stats.snapshots[peak_state][-1][dev] = deepcopy(snap)
-            for dev, snap in curr.items():
-                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
-                    self._peak_mem[dev] = snap[_TOTAL_KEY]
-                    self._peak_mem_snap[dev] = deepcopy(snap)
-
-    if not callable(getattr(MemTracker, "_update_peak_stats", None)):  # a PyTorch without the method: stock
-        return MemTracker()
-    return RootMemTracker()
+    `root`'s own states are the same (tests/test_profiler.py compares them with the stock tracker).
+    It overrides MemTracker's private members: `setr_lowmem.compat.root_mem_tracker`."""
+    return root_mem_tracker(root)
 
 
 def breakdown_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, forward_backward: Callable,
@@ -161,8 +145,8 @@ def breakdown_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, fo
     tracker that starts from the tensors then alive. Works on the CPU and on CUDA (not under
     DeepSpeed, which manages its own buffers).
     """
-    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
-
+    mt = mem_tracker()
+    MemTracker, _ModState = mt.MemTracker, mt.ModState
     tracker = _root_tracker(module)
     tracker.track_external(module, optimizer)
     phases: dict[str, dict[str, float]] = {}
@@ -198,13 +182,13 @@ def breakdown_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, fo
 def record_snapshot(step, path: str) -> str:
     """Run `step()` with CUDA allocation history recorded and dump a snapshot for
     https://pytorch.org/memory_viz (PyTorch's memory visualiser)."""
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    record_memory_history(max_entries=200_000)
     try:
         step()
         torch.cuda.synchronize()
-        torch.cuda.memory._dump_snapshot(path)
+        dump_memory_snapshot(path)
     finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
+        record_memory_history(enabled=None)
     return path
 
 
@@ -236,7 +220,6 @@ def memory_timeline_png(step, path: str, device: torch.device, title: str = "") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX
 
     times, sizes = _memory_timeline(step, device)
     times = (np.array(times) - min(times)) / 1e3
@@ -245,9 +228,8 @@ def memory_timeline_png(step, path: str, device: torch.device, title: str = "") 
     if sizes[:, 1:].sum(axis=1).max() < 1.0:  # a tiny model: MiB, where GiB would read 0.01
         sizes, unit = sizes * 1024, "MiB"
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
-    order = sorted(_CATEGORY_TO_INDEX.items(), key=lambda kv: kv[1])
-    ax.stackplot(times, *[sizes[:, i + 1] for _, i in order],
-                 labels=["unknown" if c is None else c.name.lower() for c, _ in order])
+    names = timeline_category_names(sizes.shape[1] - 1)
+    ax.stackplot(times, *[sizes[:, i + 1] for i in range(len(names))], labels=names)
     ax.set_xlabel("time in the step (ms)")
     ax.set_ylabel(f"{unit} (tensors PyTorch's profiler saw)")
     ax.set_title(title or "memory over one training step")
