@@ -29,7 +29,8 @@ from setr_lowmem.config import Config, ConfigError
 from setr_lowmem.engine.schedule import build_scheduler
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
 from setr_lowmem.memory.decoder import apply_decoder_rewrites
-from setr_lowmem.memory.deepspeed import check_deepspeed, deepspeed_config, prepare_single_process_env
+from setr_lowmem.memory.deepspeed import (check_deepspeed, clear_stale_build_locks, deepspeed_config,
+                                          prepare_single_process_env)
 from setr_lowmem.memory.kernels import apply_channels_last, apply_compiled_convs
 from setr_lowmem.memory.optim import build_optimizer, expected_optimizer_class
 from setr_lowmem.memory.precision import apply_attention_kernel, apply_fp32_batchnorm, autocast_factory, input_dtype
@@ -50,6 +51,7 @@ def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = 
     plugin, handlers = None, []
     if cfg.memory.deepspeed.stage > 0:
         prepare_single_process_env()
+        clear_stale_build_locks()  # a killed build's lock would make torch < 2.14 wait for ever
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation))
         if not torch.cuda.is_available():
             # accelerate finds no backend for DeepSpeed on the CPU and would count one process

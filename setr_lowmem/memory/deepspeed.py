@@ -22,9 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 
+from setr_lowmem.compat import extension_loader_waits_on_lock_files
 from setr_lowmem.config import Config
 from setr_lowmem.errors import SetrError
 
@@ -78,6 +81,74 @@ def prepare_single_process_env() -> None:
         for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
             os.environ.setdefault(key, value)
+
+
+def extension_build_root() -> Path:
+    """The folder under which PyTorch JIT-builds C++ extensions such as DeepSpeed's ops, computed as
+    `torch.utils.cpp_extension` does: `TORCH_EXTENSIONS_DIR`, else the cache's `torch_extensions/
+    py<version>_<cu<version> | rocm<version> | cpu>` (the same in torch 2.11 and 2.14)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def _holders(path: Path) -> list[int] | None:
+    """The processes (other than this one) that hold `path` open, from /proc; None without /proc."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    target, pids = os.path.realpath(path), []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
+        except OSError:  # the process ended, or is another user's
+            continue
+    return pids
+
+
+def clear_stale_build_locks(root: Path | None = None) -> list[Path]:
+    """Remove the extension-build lock files that no live process holds; returns those removed.
+
+    PyTorch's JIT build of an extension (DeepSpeed's shared-memory communication op, about 30 s on a
+    first run) holds `<build root>/<extension>/lock` while it builds. Before torch 2.14 any process
+    that finds the file waits until it disappears (`torch.utils.file_baton`), so a build killed
+    midway leaves a file that makes every later run wait for ever without a word; torch 2.14 takes
+    an OS lock on the file instead and leaves it behind after every build (pytorch/pytorch#189245),
+    which a torch 2.11 run sharing the folder then waits on. A lock that no process holds open is
+    such a leftover: removing it lets the next build (or load of the built library) go on. Without
+    /proc (not Linux) a holder cannot be told from a leftover: on a torch that waits on the file,
+    stop with one line naming it."""
+    root = extension_build_root() if root is None else root
+    removed = []
+    for lock in sorted(root.glob("*/lock")):
+        holders = _holders(lock)
+        if holders:
+            log.info("%s: a build by process %s is in progress; DeepSpeed waits for it", lock,
+                     ", ".join(map(str, holders)))
+            continue
+        if holders is None:
+            if extension_loader_waits_on_lock_files():
+                raise DeepSpeedSetupError(f"{lock} exists and this system cannot tell whether a build holds "
+                                          "it: remove the file if no other run is building DeepSpeed's ops")
+            continue
+        built = any(lock.parent.glob("*.so"))
+        try:
+            lock.unlink()
+        except FileNotFoundError:  # the build that held it ended meanwhile
+            continue
+        removed.append(lock)
+        level = logging.WARNING if extension_loader_waits_on_lock_files() else logging.DEBUG
+        log.log(level, "removed %s, left by an extension build that was killed (%s); torch before 2.14 "
+                "would wait for it for ever", lock, "the library is built" if built else "it is built again")
+    return removed
 
 
 def base_optimizer(prepared) -> torch.optim.Optimizer:
