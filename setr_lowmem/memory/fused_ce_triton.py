@@ -53,8 +53,13 @@ def _interpolate(base, c_off, mask, y0, y1, ly, x0, x1, lx, s_h, s_w):
     return (1.0 - wy) * ((1.0 - wx) * v00 + wx * v01) + wy * ((1.0 - wx) * v10 + wx * v11)
 
 
+# The loop bounds (the class count in forward, the window in backward) are compile-time constants:
+# Triton 3.6's interpreter, the one torch 2.11 pins, turns a runtime integer argument into a
+# one-element array, and `range()` over it fails under numpy >= 2.4 ("only 0-dimensional arrays can
+# be converted to Python scalars": triton-lang/triton#9171, fixed in 3.8). On a GPU each distinct
+# value compiles once: one class count per run, one window per upsample scale.
 @triton.jit
-def _forward_kernel(low_ptr, label_ptr, loss_ptr, lse_ptr, C, H_in, W_in, H_out, W_out,
+def _forward_kernel(low_ptr, label_ptr, loss_ptr, lse_ptr, C: tl.constexpr, H_in, W_in, H_out, W_out,
                     s_n, s_c, s_h, s_w, scale_h, scale_w, ignore_index,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -85,7 +90,7 @@ def _forward_kernel(low_ptr, label_ptr, loss_ptr, lse_ptr, C, H_in, W_in, H_out,
 
 @triton.jit
 def _backward_kernel(low_ptr, label_ptr, lse_ptr, gscale_ptr, grad_ptr, C, H_in, W_in, H_out, W_out,
-                     s_n, s_c, s_h, s_w, scale_h, scale_w, ignore_index, WIN_H, WIN_W,
+                     s_n, s_c, s_h, s_w, scale_h, scale_w, ignore_index, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
