@@ -41,6 +41,7 @@ from setr_lowmem.memory.optim import build_optimizer
 from setr_lowmem.sizing import reference
 from setr_lowmem.sizing.cuda_rules import cuda_rules
 from setr_lowmem.sizing.meters import GIB, breakdown_step
+from setr_lowmem.sizing.speed import OpCounter, OpCounts, StepCounts, configured_counts
 
 BNB_MIN = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits
 BNB_BLOCK = 256  # values per float32 scale of a blockwise 8-bit state
@@ -75,6 +76,7 @@ class Forecast:
     seconds: float
     notes: list[str] = field(default_factory=list)
     deepspeed: bool = False
+    counts: StepCounts | None = None  # the step's operators for the speed model (`sizing.speed`)
 
     def reserved(self, high: bool = False) -> float:
         """Estimated peak reserved (GiB); `high`: the bound from the worst measured ratio."""
@@ -149,17 +151,18 @@ def forecast(cfg: Config, label: str = "", cuda: bool = True, plain_loop: bool =
     key = f"{repr(sim)} cuda={cuda} plain_loop={plain_loop}"
     if key not in _STEPS:
         _STEPS[key] = _fake_step(sim, cuda, plain_loop)
-    peak, found, sizes = _STEPS[key]
+    peak, found, sizes, ops = _STEPS[key]
     categories = dict(found)
     allocated = peak + _accounted(cfg, sizes, categories)
     if cuda:
         categories["workspaces"] = OVERHEADS.workspaces
         allocated += OVERHEADS.workspaces
+    counts = configured_counts(cfg, ops.get("micro_batch", OpCounts()), ops.get("optimizer", OpCounts()), sizes)
     return Forecast(label or cfg.name, cfg.train.micro_batch, allocated, categories, time.time() - start, notes,
-                    deepspeed=cfg.memory.deepspeed.stage > 0)
+                    deepspeed=cfg.memory.deepspeed.stage > 0, counts=counts)
 
 
-_STEPS: dict[str, tuple[float, dict[str, float], list[int]]] = {}  # fake steps run in this process
+_STEPS: dict[str, tuple[float, dict[str, float], list[int], dict[str, OpCounts]]] = {}  # fake steps run here
 
 
 def _keep_head_outputs(module: torch.nn.Module, kept: list[torch.Tensor]) -> None:
@@ -180,16 +183,22 @@ def _keep_head_outputs(module: torch.nn.Module, kept: list[torch.Tensor]) -> Non
             unit.criterion = keeping
 
 
-def _fake_step(sim: Config, cuda: bool, plain_loop: bool = False) -> tuple[float, dict[str, float], list[int]]:
-    """(peak GiB, categories at the peak, sizes of the trained parameters) of one tracked fake step;
-    `cuda`: under CUDA's autocast rules (`cuda_autocast`), else the CPU's; `plain_loop`: with the
-    heads' outputs held through the backward (`_keep_head_outputs`)."""
+def _fake_step(sim: Config, cuda: bool, plain_loop: bool = False
+               ) -> tuple[float, dict[str, float], list[int], dict[str, OpCounts]]:
+    """(peak GiB, categories at the peak, sizes of the trained parameters, the operators counted
+    by phase) of one tracked fake step; `cuda`: under CUDA's autocast rules (`cuda_rules`) with
+    the optimizer's multi-tensor (foreach) step that PyTorch uses on CUDA, else the CPU's;
+    `plain_loop`: with the heads' outputs held through the backward (`_keep_head_outputs`)."""
     torch.manual_seed(0)
     with torch.device("meta"):
         module, _ = build_for_training(sim)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     _fake_module(module, mode)
     optimizer = build_optimizer(module.model, sim.optim)
+    if cuda:  # torch.optim's default on CUDA tensors: one multi-tensor kernel per update, not one per parameter
+        for group in optimizer.param_groups:
+            group["foreach"] = True
+    counter = OpCounter()
     kept: list[torch.Tensor] = []
     if plain_loop:
         _keep_head_outputs(module, kept)
@@ -206,6 +215,7 @@ def _fake_step(sim: Config, cuda: bool, plain_loop: bool = False) -> tuple[float
         labels = torch.randint(0, classes, (mb, crop, crop))
 
         def forward_backward() -> None:
+            counter.phase = "micro_batch"
             with rules():
                 with autocast():
                     loss, _ = module(images, labels)
@@ -213,6 +223,7 @@ def _fake_step(sim: Config, cuda: bool, plain_loop: bool = False) -> tuple[float
             kept.clear()
 
         def optimizer_step() -> None:
+            counter.phase = "optimizer"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -222,8 +233,10 @@ def _fake_step(sim: Config, cuda: bool, plain_loop: bool = False) -> tuple[float
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         optimizer_step()
-        found = breakdown_step(module, optimizer, forward_backward, optimizer_step)
-    return found.peak, dict(found.categories), [p.numel() for p in module.parameters() if p.requires_grad]
+        with counter:
+            found = breakdown_step(module, optimizer, forward_backward, optimizer_step)
+    return (found.peak, dict(found.categories), [p.numel() for p in module.parameters() if p.requires_grad],
+            counter.counts)
 
 
 def _accounted(cfg: Config, sizes: list[int], categories: dict[str, float]) -> float:

@@ -25,23 +25,18 @@ from setr_lowmem.config import Config, without_initial_weights
 from setr_lowmem.engine.step import Outcome, make_accelerator, prepare_step, reset_accelerate
 from setr_lowmem.model import build_setr
 from setr_lowmem.model.loss import SegmentationLoss
+from setr_lowmem.sizing.cards import card_for_device
 from setr_lowmem.sizing.meters import GIB, Breakdown, MemoryMeter, breakdown_step, release
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak of the GPUs this project measures on (TFLOP/s), for MFU.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "4090": 165.2,
-               "3090": 71.0}
-
-
 def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of this GPU (TFLOP/s) for MFU, from the card table (`sizing.cards`); None
+    for a card the table does not hold."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    card = card_for_device(torch.cuda.get_device_name(device))
+    return card.bf16_tflops if card else None
 
 
 # What the benchmarks measure without a GPU: a tiny SETR-PUP (64x64 crops, 4 blocks, 64 wide) on the CPU.
