@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -40,6 +41,29 @@ def quiet_known_warnings() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("pip install kernels"))
 
 
+def version() -> str:
+    """'setr-lowmem 0.1.0 (torch 2.14.1, Python 3.11.7)': what a bug report needs first."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    import torch
+
+    try:
+        own = installed("setr-lowmem")
+    except PackageNotFoundError:  # run from a clone without installing
+        own = "(not installed)"
+    return f"setr-lowmem {own} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
+def command_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser every console command starts from: its module's docstring as the help text
+    (named after the command that was run) and `--version`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version())
+    return parser
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -54,7 +78,7 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except SetrError as err:
-        fail(one_line(err))
+        fail(one_line(err), getattr(err, "exit_code", 2))
 
 
 def one_line(err: BaseException) -> str:

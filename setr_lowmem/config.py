@@ -31,6 +31,7 @@ PAPER_CONFIGS = [f"{d}_{s}" for s in ("ade20k", "cityscapes", "pascal_context") 
 _STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 FLOAT32_MAX = 3.4028234663852886e38
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 Decoder = Literal["naive", "pup", "mla"]
 DatasetName = Literal["synthetic", "ade20k", "cityscapes", "pascal_context", "pascal_context59", "hf"]
@@ -111,7 +112,8 @@ class ModelConfig:
     """A SETR checkpoint trained with mmsegmentation to import (whole model); '' for none."""
 
     def __post_init__(self) -> None:
-        _positive(self, "embed_dim", "depth", "num_heads", "patch_size", "head_channels", "mla_channels")
+        _positive(self, "embed_dim", "depth", "num_heads", "patch_size", "head_channels", "mla_channels",
+                  "mlp_ratio")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if len(self.out_indices) != 4:
@@ -254,6 +256,14 @@ class LossConfig:
     """Label value that carries no loss."""
     avg_non_ignore: bool = False
     """False (mmseg's default, the paper's): average over all pixels; True: over labelled pixels only."""
+
+    def __post_init__(self) -> None:
+        if self.ignore_index != 255:
+            raise ValueError(f"ignore_index must be 255, the label value the data pipeline gives ignored and padded "
+                             f"pixels, got {self.ignore_index}")
+        if self.main_weight <= 0 or self.aux_weight < 0:
+            raise ValueError(f"main_weight must be positive and aux_weight >= 0, got {self.main_weight} and "
+                             f"{self.aux_weight} (a negative weight rewards a wrong prediction)")
 
 
 @dataclass(config=_STRICT)
@@ -402,6 +412,16 @@ class Config:
     """Test-time inference protocol."""
 
     def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} must be a plain name (letters, digits, '.', '_', '-'; not starting "
+                             "with '.'): it names the run directory runs/<name>")
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(f"schedule.min_lr {self.schedule.min_lr:g} is above optim.lr {self.optim.lr:g}: the poly "
+                             "decay would raise the learning rate")
+        smallest = min(self.data.base_scale) * min(self.eval.scales)
+        if smallest < self.model.patch_size:
+            raise ValueError(f"eval.scales {self.eval.scales} x data.base_scale {list(self.data.base_scale)} gives a "
+                             f"test image side of {smallest:g} pixels, below one patch ({self.model.patch_size})")
         if self.data.crop % self.model.patch_size:
             raise ValueError(
                 f"data.crop {self.data.crop} is not divisible by model.patch_size {self.model.patch_size}")
@@ -421,19 +441,76 @@ def _positive(section: Any, *names: str) -> None:
             raise ValueError(f"{name} must be positive, got {value}")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: a key given twice in one mapping is an error (PyYAML keeps the
+    last one silently), and an unquoted date stays a string (a config holds no dates)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# the date resolver goes; the rest of YAML 1.1's implicit types stay
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string. Users write learning rates
 # that way, so floats in exponent form are resolved as floats too.
-class _Loader(yaml.SafeLoader):
-    pass
-
-
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
 
+
+def _yaml(text: str, source: str) -> Any:
+    """YAML text as plain values (dicts, lists, strings, numbers, booleans, None); one line if not."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    problem = _not_plain(data)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return data
+
+
+def _not_plain(value: Any, key: str = "") -> str:
+    """'' if `value` holds only what a config can (JSON's types), else what and where it is not."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"key {k!r}{' in ' + key if key else ''} is not a name"
+            problem = _not_plain(v, f"{key}.{k}" if key else k)
+            if problem:
+                return problem
+        return ""
+    if isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := _not_plain(v, f"{key}[{i}]"))), "")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return ""
+    return f"{key or 'the file'}: a YAML {type(value).__name__} is not a config value"
+
+
 _ADAPTER = TypeAdapter(Config)
+
+
+def shipped_configs() -> list[tuple[str, str]]:
+    """(name, the first line of its header comment) of every config shipped in `configs/`."""
+    out = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        out.append((path.stem, first.removeprefix("#").strip() if first.startswith("#") else ""))
+    return out
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -454,10 +531,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        try:
-            value = yaml.load(raw, Loader=_Loader) if raw else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
+        value = _yaml(raw, f"override {item!r}") if raw else ""
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -499,25 +573,56 @@ def _describe(err: ValidationError) -> str:
     return f"{loc}: {msg}, got {first.get('input')!r}"
 
 
+def config_from_text(text: str, source: str) -> Config:
+    """A config from YAML text (a file's, or one stored in a checkpoint), validated strictly."""
+    data = _yaml(text, source)
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty (a config lists its sections; see configs/pup_ade20k.yaml)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    return config_from_dict(data, source)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (bare names resolve against configs/) and apply `key=value` overrides."""
+    """Read a YAML config (bare names resolve against configs/) and apply `key=value` overrides. A file
+    lists every key (`missing_keys`): what a run uses is read in one place, never a silent default."""
     path = resolve_config_path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}): a config is a UTF-8 YAML file") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
-    if data is None:
-        raise ConfigError(f"{path}: the file is empty (a config lists its sections; see configs/pup_ade20k.yaml)")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    # Validate the file alone first so that an error in it is blamed on it, not on the overrides.
+    cfg = config_from_text(text, str(path))
+    missing = missing_keys(_yaml(text, str(path)))
+    if missing:
+        raise ConfigError(f"{path}: {len(missing)} key(s) missing ({', '.join(missing[:4])}"
+                          f"{', ...' if len(missing) > 4 else ''}): a config lists every key; start from a "
+                          "complete one, e.g. `setr-train --cfg pup_ade20k --print-config > my.yaml`")
     extra = parse_overrides(overrides)
     if not extra:
-        return config_from_dict(data, str(path))
-    # Validate the file alone first so that an error in it is blamed on it, not on the overrides.
-    config_from_dict(data, str(path))
-    return config_from_dict(_merge(data, extra), f"{path} with overrides {' '.join(overrides or [])}")
+        return cfg
+    return config_from_dict(_merge(config_to_dict(cfg), extra), f"{path} with overrides {' '.join(overrides or [])}")
+
+
+def missing_keys(data: dict[str, Any]) -> list[str]:
+    """The dotted keys of the config tree (its leaves, not its sections) that `data`, a config file's
+    mapping, does not give."""
+    keys = [k for k, _ in config_fields()]
+    out = []
+    for key in keys:
+        if any(other.startswith(key + ".") for other in keys):
+            continue  # a section: its keys are checked one by one
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is _ABSENT:
+            out.append(key)
+    return out
+
+
+_ABSENT = object()
 
 
 def without_initial_weights(cfg: Config) -> Config:
@@ -586,8 +691,31 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def dump_config(cfg: Config, header: str = "") -> str:
+    """`cfg` as a complete, flat YAML file: every key, each under a comment with its field's docstring
+    (what `configs/*.yaml`, every run's `config.yaml` and `setr-train --print-config` hold)."""
+    lines = [f"# {line}" if line else "#" for line in header.strip().splitlines()]
+    lines += [""] if lines else []
+    _dump_section(cfg, lines, "")
+    return "\n".join(lines) + "\n"
+
+
+def _dump_section(section: Any, lines: list[str], indent: str) -> None:
+    docs = type(section).__pydantic_fields__
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        lines.append(f"{indent}# {' '.join(docs[f.name].description.split())}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:")
+            _dump_section(value, lines, indent + "  ")
+        else:
+            plain = json.loads(json.dumps(value))  # tuples as lists
+            text = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
+            lines.append(f"{indent}{f.name}: {text.removesuffix('...').strip()}")
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump_config(cfg, "The resolved config of this run: every value it uses."))
 
 
 def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

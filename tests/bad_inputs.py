@@ -46,7 +46,8 @@ def _write(rel: str, text: str) -> Callable[[Path], None]:
     return setup
 
 
-def _ade(corrupt: str = "", unmatched: bool = False, label_value: int | None = None) -> Callable[[Path], None]:
+def _ade(corrupt: str = "", unmatched: bool = False, label_value: int | None = None,
+         every: bool = False) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
         from tests.fixtures import make_ade
 
@@ -59,8 +60,8 @@ def _ade(corrupt: str = "", unmatched: bool = False, label_value: int | None = N
             import numpy as np
             from PIL import Image
 
-            Image.fromarray(np.full((24, 40), label_value, np.uint8)).save(
-                root / "annotations/training/ADE_train_00000000.png")
+            for label in sorted((root / "annotations/training").glob("*.png"))[: None if every else 1]:
+                Image.fromarray(np.full((24, 40), label_value, np.uint8)).save(label)
     return setup
 
 
@@ -84,6 +85,47 @@ def _truncate(rel: str) -> Callable[[Path], None]:
     return damage
 
 
+def _without_checkpoints(run: Path) -> None:
+    shutil.rmtree(run / "checkpoints")
+
+
+def _damage_all(run: Path) -> None:
+    for ckpt in (run / "checkpoints").glob("iter_*"):
+        f = ckpt / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 0xFF]))
+
+
+def _loop(tmp: Path) -> None:
+    (tmp / "a").symlink_to(tmp / "b")
+    (tmp / "b").symlink_to(tmp / "a")
+
+
+def _images(*names: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        import numpy as np
+        from PIL import Image
+
+        (tmp / "in").mkdir(exist_ok=True)
+        for name in names:
+            Image.fromarray(np.full((24, 40, 3), 90, np.uint8)).save(tmp / "in" / name)
+    return setup
+
+
+def _config_bytes(data: bytes) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / "my.yaml").write_bytes(data)
+    return setup
+
+
+def _tiny_text(**replace: str) -> str:
+    """configs/test_tiny.yaml with whole lines replaced: {old line's text: new line's text}."""
+    text = (ROOT / "configs" / "test_tiny.yaml").read_text()
+    for old, new in replace.items():
+        assert f"  {old}\n" in text, old
+        text = text.replace(f"  {old}\n", f"  {new}\n", 1)
+    return text
+
+
 def _hold_lock(tmp: Path) -> None:
     from setr_lowmem.engine.rundir import RunLock
 
@@ -96,35 +138,35 @@ TRAINED: Path = Path()  # set by `prepare_trained`
 
 CASES = [
     # ---- the config file and overrides
-    Case("misspelled key", "train", ["--cfg", "test_tiny", "model.decoderr=pup"], "unknown key model.decoderr"),
-    Case("string where a number belongs", "train", ["--cfg", "test_tiny", "optim.lr=fast"],
+    Case("misspelled key", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.decoderr=pup"], "unknown key model.decoderr"),
+    Case("string where a number belongs", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "optim.lr=fast"],
          "optim.lr: Input should be a valid number, got 'fast'"),
-    Case("unknown decoder", "train", ["--cfg", "test_tiny", "model.decoder=pupp"],
+    Case("unknown decoder", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.decoder=pupp"],
          "model.decoder: Input should be 'naive', 'pup' or 'mla', got 'pupp'"),
-    Case("crop not divisible by 16", "train", ["--cfg", "test_tiny", "data.crop=500"],
+    Case("crop not divisible by 16", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.crop=500"],
          "data.crop 500 is not divisible by model.patch_size 16"),
-    Case("zero classes", "train", ["--cfg", "test_tiny", "data.num_classes=0"], "num_classes must be positive"),
-    Case("batch not a multiple of the micro-batch", "train", ["--cfg", "test_tiny", "train.micro_batch=3"],
+    Case("zero classes", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.num_classes=0"], "num_classes must be positive"),
+    Case("batch not a multiple of the micro-batch", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "train.micro_batch=3"],
          "is not a multiple of micro_batch 3"),
-    Case("NaN learning rate", "train", ["--cfg", "test_tiny", "optim.lr=.nan"], "optim.lr: Input should be a finite number"),
-    Case("infinite learning rate", "train", ["--cfg", "test_tiny", "optim.lr=.inf"], "Input should be a finite number"),
-    Case("learning rate that overflows float32 with the head's x10", "train", ["--cfg", "test_tiny", "optim.lr=1e38"],
+    Case("NaN learning rate", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "optim.lr=.nan"], "optim.lr: Input should be a finite number"),
+    Case("infinite learning rate", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "optim.lr=.inf"], "Input should be a finite number"),
+    Case("learning rate that overflows float32 with the head's x10", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "optim.lr=1e38"],
          "overflows float32"),
-    Case("negative learning rate", "train", ["--cfg", "test_tiny", "optim.lr=-0.1"], "lr must be positive"),
-    Case("zero std (division by zero)", "train", ["--cfg", "test_tiny", "data.std=[0,0,0]"],
+    Case("negative learning rate", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "optim.lr=-0.1"], "lr must be positive"),
+    Case("zero std (division by zero)", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.std=[0,0,0]"],
          "std [0.0, 0.0, 0.0] must be positive"),
-    Case("encoder tap outside the encoder", "train", ["--cfg", "test_tiny", "model.out_indices=[0,1,2,30]"],
+    Case("encoder tap outside the encoder", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.out_indices=[0,1,2,30]"],
          "out_indices [2, 30] outside the encoder's blocks 0..1"),
-    Case("4-bit optimizer states", "train", ["--cfg", "test_tiny", "optim.bits=4"], "optim.bits: Input should be 32 or 8"),
+    Case("4-bit optimizer states", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "optim.bits=4"], "optim.bits: Input should be 32 or 8"),
     Case("parameter offload without ZeRO-3", "train",
-         ["--cfg", "test_tiny", "memory.deepspeed.stage=2", "memory.deepspeed.offload_params=true"],
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "memory.deepspeed.stage=2", "memory.deepspeed.offload_params=true"],
          "offload_params needs ZeRO stage 3"),
     Case("channels-last with DeepSpeed", "train",
-         ["--cfg", "test_tiny", "memory.channels_last=true", "memory.deepspeed.stage=2"],
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "memory.channels_last=true", "memory.deepspeed.stage=2"],
          "channels_last cannot be used with DeepSpeed"),
-    Case("bf16 weights without DeepSpeed", "train", ["--cfg", "test_tiny", "memory.precision=bf16_weights"],
+    Case("bf16 weights without DeepSpeed", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "memory.precision=bf16_weights"],
          "bf16_weights needs DeepSpeed"),
-    Case("override without '='", "train", ["--cfg", "test_tiny", "optim.lr"], "is not of the form key.sub=value"),
+    Case("override without '='", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "optim.lr"], "is not of the form key.sub=value"),
     Case("config file not found", "train", ["--cfg", "nosuch.yaml"], "config file not found: nosuch.yaml"),
     Case("empty config file", "train", ["--cfg", "{tmp}/empty.yaml"], "the file is empty", _write("empty.yaml", "")),
     Case("config file that is not YAML", "train", ["--cfg", "{tmp}/bad.yaml"], "not valid YAML",
@@ -132,10 +174,10 @@ CASES = [
     Case("config file that is a list", "train", ["--cfg", "{tmp}/list.yaml"], "expected a mapping of sections",
          _write("list.yaml", "- 1\n- 2\n")),
     # ---- the launcher's own options
-    Case("--stop-after 0", "train", ["--cfg", "test_tiny", "--stop-after", "0"],
+    Case("--stop-after 0", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--stop-after", "0"],
          "--stop-after must be a positive number of iterations, got 0"),
-    Case("--stop-after -3", "train", ["--cfg", "test_tiny", "--stop-after", "-3"], "got -3"),
-    Case("--cap-gib without a GPU", "train", ["--cfg", "test_tiny", "--cap-gib", "24"], "--cap-gib needs a GPU"),
+    Case("--stop-after -3", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--stop-after", "-3"], "got -3"),
+    Case("--cap-gib without a GPU", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--cap-gib", "24"], "--cap-gib needs a GPU"),
     Case("--resume with a directory that is not a checkpoint", "train",
          ["--cfg", "test_tiny", "--resume", "{tmp}", "train.out_dir={tmp}/run", *TINY],
          "cannot be used: no manifest.json"),
@@ -147,17 +189,18 @@ CASES = [
     Case("a second run into a directory in use", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/busy", *TINY],
          "is in use by another run (pid", _hold_lock),
     Case("a fresh run into a directory with checkpoints", "train",
-         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", *TINY], "already holds checkpoints", _copy_trained()),
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", *TINY], "already holds the results of an earlier run",
+         _copy_trained()),
     Case("resume with a config that changes what is trained", "train",
          ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--resume", "auto", *TINY, "optim.lr=0.02"],
          "the config differs in what is trained: optim.lr: 0.01 -> 0.02", _copy_trained()),
     # ---- data
-    Case("dataset root missing", "train", ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/nowhere"],
+    Case("dataset root missing", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.dataset=ade20k", "data.root={tmp}/nowhere"],
          "nowhere"),
     Case("images without labels", "train",
-         ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=150",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=150",
           *TINY], "ADE_train_00000001", _ade(unmatched=True)),
-    Case("validation split missing", "train", ["--cfg", "test_tiny", "data.val_split=holdout", *TINY],
+    Case("validation split missing", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.val_split=holdout", *TINY],
          "not 'holdout'"),
     Case("corrupt training image, read by a DataLoader worker", "train",
          ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=150",
@@ -167,13 +210,13 @@ CASES = [
          ["--cfg", "test_tiny", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=5",
           "train.out_dir={tmp}/run", *TINY], "outside 0..4", _ade()),
     # ---- weights
-    Case("pretrained weights file missing", "train", ["--cfg", "test_tiny", "model.pretrained={tmp}/vit.pth", *TINY],
+    Case("pretrained weights file missing", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.pretrained={tmp}/vit.pth", *TINY],
          "weights file not found"),
     Case("pretrained weights file that is not a checkpoint", "train",
-         ["--cfg", "test_tiny", "model.pretrained={tmp}/vit.pth", *TINY], "cannot read weights file",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.pretrained={tmp}/vit.pth", *TINY], "cannot read weights file",
          _write("vit.pth", "not a checkpoint")),
     Case("timm weights that cannot be downloaded", "train",
-         ["--cfg", "test_tiny", "model.pretrained=timm:no_such_vit", *TINY], "cannot get timm weights 'no_such_vit'"),
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.pretrained=timm:no_such_vit", *TINY], "cannot get timm weights 'no_such_vit'"),
     # ---- evaluate, predict, export
     Case("evaluate: checkpoint not found", "evaluate", ["--cfg", "test_tiny", "--checkpoint", "{tmp}/none.safetensors"],
          "checkpoint not found"),
@@ -188,9 +231,9 @@ CASES = [
          "model.safetensors has", _copy_trained(_truncate("model.safetensors"))),
     Case("evaluate: --out is a directory", "evaluate",
          ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--out", "{tmp}"], "is a directory"),
-    Case("predict: input folder missing", "predict",
+    Case("predict: input missing", "predict",
          ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/none", "--out",
-          "{tmp}/out"], "input folder not found"),
+          "{tmp}/out"], "input not found"),
     Case("predict: no images in the folder", "predict",
          ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}", "--out",
           "{tmp}/out"], "no images"),
@@ -202,6 +245,84 @@ CASES = [
          _copy_trained(lambda run: (_newest(run) / "config.yaml").unlink())),
     Case("export: a checkpoint directory that does not exist", "export", ["{tmp}/none", "{tmp}/m.safetensors"],
          "checkpoint directory not found"),
+    # ---- nothing a user runs writes over what it should keep (issue 30)
+    Case("export: into the checkpoint it exports", "export",
+         ["{tmp}/run/checkpoints/iter_0000002", "{tmp}/run/checkpoints/iter_0000002/model.safetensors"],
+         "a checkpoint is never written into", _copy_trained()),
+    Case("export: over an existing file", "export",
+         ["{tmp}/run/checkpoints/iter_0000002", "{tmp}/run/model.safetensors"],
+         "already exists: not written over (pass --overwrite", _copy_trained()),
+    Case("export: into a symlink loop", "export", ["{trained}/checkpoints/iter_0000002", "{tmp}/a"],
+         "cannot write {tmp}/a", _loop),
+    Case("export: into /proc", "export", ["{trained}/checkpoints/iter_0000002", "/proc/setr/m.safetensors"],
+         "cannot write to the directory of the output /proc/setr"),
+    Case("export: --hub into a checkpoint", "export",
+         ["{tmp}/run/checkpoints/iter_0000002", "{tmp}/run/checkpoints/iter_0000002", "--hub"],
+         "a checkpoint is never written into", _copy_trained()),
+    Case("predict: --out is the input folder", "predict",
+         ["--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/in", "--out", "{tmp}/in"],
+         "holds input images", _images("a.png")),
+    Case("predict: a file that is not an image", "predict",
+         ["--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/notes.txt", "--out", "{tmp}/out"],
+         "is not an image file", _write("notes.txt", "x")),
+    Case("predict: a glob that matches no image", "predict",
+         ["--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/*.jpg", "--out", "{tmp}/out"],
+         "no images (.bmp, .jpeg, .jpg, .png, .webp) match"),
+    Case("a fresh run into a directory with an exported model", "train",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", *TINY],
+         "already holds the results of an earlier run (model.safetensors", _copy_trained(_without_checkpoints)),
+    Case("--resume auto with every checkpoint damaged", "train",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--resume", "auto", *TINY],
+         "is damaged", _copy_trained(_damage_all)),
+    Case("--allow-change without --resume", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--allow-change", "optim.lr"],
+         "--allow-change needs --resume"),
+    Case("--allow-change of a key that cannot change", "train",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "--resume", "auto", "--allow-change", "model.depth", *TINY],
+         "only these keys may change on resume", _copy_trained()),
+    Case("evaluate: a checkpoint whose stored config was damaged", "evaluate",
+         ["--checkpoint", "{tmp}/run/checkpoints/iter_0000002"], "config.yaml has",
+         _copy_trained(lambda run: (_newest(run) / "config.yaml").write_text("model: [\n"))),
+    Case("evaluate: --max-images -1", "evaluate", ["--checkpoint", "{trained}/model.safetensors", "--max-images", "-1"],
+         "--max-images must be 0 (every image) or a positive number"),
+    # ---- config files and values that used to give a traceback or be taken silently
+    Case("a config file in Latin-1", "train", ["--cfg", "{tmp}/my.yaml"], "not UTF-8 text",
+         _config_bytes("name: caf\xe9\n".encode("latin-1"))),
+    Case("a config file in UTF-16", "evaluate", ["--cfg", "{tmp}/my.yaml", "--checkpoint", "{trained}/model.safetensors"],
+         "not UTF-8 text", _config_bytes("name: x\n".encode("utf-16"))),
+    Case("a config file of random bytes", "predict",
+         ["--cfg", "{tmp}/my.yaml", "--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/in", "--out",
+          "{tmp}/out"], "not UTF-8 text", lambda tmp: (_config_bytes(bytes(range(256)))(tmp), _images("a.png")(tmp))),
+    Case("a config nested 20,000 deep", "train", ["--cfg", "{tmp}/my.yaml"], "nested too deeply",
+         _config_bytes(b"[" * 20000 + b"]" * 20000)),
+    Case("a key given twice", "train", ["--cfg", "{tmp}/my.yaml"], "key 'lr' is given twice",
+         _config_bytes(_tiny_text(**{"lr: 0.01": "lr: 0.01\n  lr: 0.5"}).encode())),
+    Case("a !!binary value", "train", ["--cfg", "{tmp}/my.yaml"], "a YAML bytes is not a config value",
+         _config_bytes(_tiny_text(**{"pretrained: ''": "pretrained: !!binary aGVsbG8="}).encode())),
+    Case("a !!set value", "train", ["--cfg", "{tmp}/my.yaml"], "a YAML set is not a config value",
+         _config_bytes(_tiny_text(**{"pretrained: ''": "pretrained: !!set {a, b}"}).encode())),
+    Case("a config with only a name", "train", ["--cfg", "{tmp}/my.yaml"], "key(s) missing (model.decoder",
+         _write("my.yaml", "name: mine\n")),
+    Case("a negative MLP ratio", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.mlp_ratio=-1"], "mlp_ratio must be positive"),
+    Case("an ignore index other than 255", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "loss.ignore_index=-1"],
+         "ignore_index must be 255"),
+    Case("a negative aux weight", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "loss.aux_weight=-1"], "a negative weight rewards"),
+    Case("min_lr above lr", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "schedule.min_lr=1.0"], "would raise the learning rate"),
+    Case("a test scale below one patch", "evaluate",
+         ["--checkpoint", "{trained}/model.safetensors", "eval.scales=[0.001]"], "below one patch"),
+    Case("a run name that leaves the runs folder", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "name=../../../x"],
+         "must be a plain name"),
+    Case("an unknown key is named with the file", "predict",
+         ["--cfg", "test_tiny", "--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/in", "--out",
+          "{tmp}/out", "eval.scale=[1.0]"], "unknown key eval.scale", _images("a.png")),
+    # ---- weights and data that used to be taken silently
+    Case("pretrained .npz that is not a zip", "train", ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.pretrained={tmp}/vit.npz", *TINY],
+         "vit.npz", _write("vit.npz", "not a zip")),
+    Case("a model of this toolkit given as an mmseg checkpoint", "train",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.mmseg_checkpoint={trained}/model.safetensors", *TINY],
+         "is a model of this toolkit, not an mmsegmentation checkpoint"),
+    Case("every label ignored", "train",
+         ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=150",
+          *TINY], "every pixel of 3 label maps spread over the split is ignored", _ade(label_value=0, every=True)),
 ]
 
 
@@ -248,6 +369,7 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str]:
     """(exit code, the error line) of `case`, run in a fresh directory `tmp`."""
     if case.setup:
         case.setup(tmp)
+    fresh = not (tmp / "run").exists()
     args = [a.replace("{tmp}", str(tmp)).replace("{trained}", str(TRAINED)) for a in case.args]
     old = {k: os.environ.get(k) for k in case.env}
     os.environ.update(case.env)
@@ -264,6 +386,8 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str]:
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in err, err[-3000:]
     assert len(errors) == 1, err[-3000:]
+    if fresh:  # a run that fails its start-up checks leaves no run directory behind
+        assert not (tmp / "run").exists(), sorted(p.name for p in (tmp / "run").iterdir())
     return code, errors[0].replace(str(tmp), "{tmp}").replace(str(TRAINED), "{trained}")
 
 

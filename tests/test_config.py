@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from setr_lowmem.config import CONFIG_DIR, ConfigError, load_config, save_config
+from setr_lowmem.config import CONFIG_DIR, ConfigError, dump_config, load_config, missing_keys, save_config
 
 PAPER = [f"{d}_{s}" for d in ("naive", "pup", "mla") for s in ("ade20k", "cityscapes", "pascal_context")]
 
@@ -87,9 +89,61 @@ def test_overrides_are_typed_like_the_file(tmp_path):
         load_config("pup_ade20k", ["optim.lr"])
 
 
+def complete(**replace: str) -> str:
+    """pup_ade20k.yaml's text with `key: value` lines replaced (key: the line's text up to the colon)."""
+    text = (CONFIG_DIR / "pup_ade20k.yaml").read_text()
+    for key, line in replace.items():
+        text, n = re.subn(rf"(?m)^(\s*){key}: .*$", lambda m: m.group(1) + line, text, count=1)
+        assert n == 1, key
+    return text
+
+
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
-    cfg = load_config(write(tmp_path, "optim:\n  lr: 1e-3\nschedule:\n  min_lr: 5E-5\n"))
+    cfg = load_config(write(tmp_path, complete(lr="lr: 1e-3", min_lr="min_lr: 5E-5")))
     assert cfg.optim.lr == 1e-3 and cfg.schedule.min_lr == 5e-5
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_lists_every_key(name):
+    text = (CONFIG_DIR / f"{name}.yaml").read_text()
+    assert missing_keys(yaml.safe_load(text)) == []
+    assert dump_config(load_config(name), "x").split("\n", 2)[2] in text  # the same values, comments and order
+
+
+STRICT = [
+    # (what, file bytes, the error's fragment)
+    ("a file that is not UTF-8 text (Latin-1)", "name: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 9)"),
+    ("UTF-16", "name: x\n".encode("utf-16"), "not UTF-8 text"),
+    ("random bytes", bytes(range(256)), "not UTF-8 text"),
+    ("nesting 20,000 deep", ("[" * 20000 + "]" * 20000).encode(), "nested too deeply"),
+    ("a !!binary value", complete(pretrained="pretrained: !!binary aGVsbG8=").encode(),
+     "model.pretrained: a YAML bytes is not a config value"),
+    ("a !!set value", complete(pretrained="pretrained: !!set {a, b}").encode(),
+     "model.pretrained: a YAML set is not a config value"),
+    ("a key given twice", complete(lr="lr: 0.001\n  lr: 0.5").encode(), "key 'lr' is given twice"),
+    ("a file with only a name", b"name: mine\n", "key(s) missing (model.decoder, model.embed_dim, model.depth"),
+    ("a negative MLP ratio", complete(mlp_ratio="mlp_ratio: -1").encode(), "mlp_ratio must be positive"),
+    ("an ignore index other than 255", complete(ignore_index="ignore_index: -1").encode(),
+     "ignore_index must be 255"),
+    ("a negative aux weight", complete(aux_weight="aux_weight: -1").encode(), "a negative weight rewards"),
+    ("min_lr above lr", complete(min_lr="min_lr: 0.5").encode(), "schedule.min_lr 0.5 is above optim.lr 0.001"),
+    ("a test scale below one patch", complete(scales="scales: [0.001]").encode(), "below one patch (16)"),
+    ("a name that leaves the runs folder", complete(name="name: ../../../x").encode(), "must be a plain name"),
+]
+
+
+@pytest.mark.parametrize("what,data,expected", STRICT, ids=[s[0] for s in STRICT])
+def test_a_config_is_read_strictly(tmp_path, what, data, expected):
+    path = tmp_path / "my.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_an_unquoted_date_is_a_string():
+    assert load_config("pup_ade20k", ["name=2026-12-01"]).name == "2026-12-01"
 
 
 def test_saved_config_loads_back_identically(tmp_path):

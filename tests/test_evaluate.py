@@ -106,3 +106,30 @@ def test_evaluate_aggregates_every_image_and_shards_across_processes():
     evaluate(model, cfg, torch.device("cpu"), rank=0, world=2, reduce=lambda t: shards.append(t) or t)
     evaluate(model, cfg, torch.device("cpu"), rank=1, world=2, reduce=lambda t: shards.append(t) or t)
     assert torch.equal(shards[0] + shards[1], cm)
+
+
+@pytest.mark.parametrize("flip,scales", [(False, [1.0]), (True, [0.75, 1.25])])
+def test_the_class_map_in_bands_equals_the_argmax_of_whole_probabilities(flip, scales):
+    """A photo too large for its probabilities at full size is predicted band by band (interpolation
+    matrices): the same classes as `predict_probs(...).argmax` up to ties within rounding."""
+    from setr_lowmem.engine.evaluate import predict_classes
+
+    torch.manual_seed(0)
+    cfg = tiny_config("pup", eval=dict(mode="slide", crop=64, stride=48, scales=scales, flip=flip))
+    model = build_setr(cfg).eval()
+    with torch.no_grad():  # fan-in scaled weights: a prediction that varies from pixel to pixel
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(std=p[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                p.zero_()
+    image = np.random.default_rng(0).integers(0, 255, (150, 97, 3), dtype=np.uint8)  # not multiples of 16
+    with torch.no_grad():
+        probs = predict_probs(model, image, cfg, torch.device("cpu"))
+    direct = probs.argmax(0)
+    banded = predict_classes(model, image, cfg, torch.device("cpu"), budget=5 * 97 * 4 * 7)  # bands of 7 rows
+    assert predict_classes(model, image, cfg, torch.device("cpu")).equal(direct)  # under budget: the direct path
+    differ = banded != direct
+    top2 = probs.topk(2, dim=0).values
+    assert float((top2[0] - top2[1])[differ].sum()) <= 1e-5 * int(differ.sum())  # only near-ties may differ
+    assert differ.float().mean() < 0.01 and len(direct.unique()) > 1

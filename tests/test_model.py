@@ -278,6 +278,15 @@ def test_mmseg_checkpoint_of_another_model_is_an_error(tmp_path):
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(2)}}, tmp_path / "resnet.pth")
     with pytest.raises(WeightsError, match="resnet.pth is not an mmseg SETR checkpoint"):
         build_setr(tiny_config("pup", model=dict(mmseg_checkpoint=str(tmp_path / "resnet.pth"))))
+    # one head tensor short: half a model must not train as if it were whole
+    partial = {k: v for k, v in as_mmseg(source.state_dict()).items() if k != "decode_head.conv_seg.bias"}
+    torch.save({"state_dict": partial}, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match="1 of .* keys missing .e.g. decode_head.conv_seg.bias"):
+        build_setr(tiny_config("pup", model=dict(mmseg_checkpoint=str(tmp_path / "partial.pth"))))
+    # a file of this toolkit (an export) given as an mmseg checkpoint
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "ours.safetensors"))
+    with pytest.raises(WeightsError, match="is a model of this toolkit, not an mmsegmentation checkpoint"):
+        build_setr(tiny_config("pup", model=dict(mmseg_checkpoint=str(tmp_path / "ours.safetensors"))))
 
 
 def test_timm_weights_that_cannot_be_fetched_are_a_clear_error():

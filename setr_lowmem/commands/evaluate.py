@@ -7,26 +7,28 @@ uses the paper's multi-scale (0.5 ... 1.75) and flip protocol.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from setr_lowmem.cli import fail, run_main
+from setr_lowmem.cli import command_parser, fail, run_main
 
 
 MS_SCALES = "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--cfg", default=None,
                         help="config file (default: the one the checkpoint or exported file carries)")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale 0.5..1.75 and flip")
     parser.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
-    parser.add_argument("--max-images", type=int, default=0)
+    parser.add_argument("--max-images", type=int, default=0, metavar="N",
+                        help="evaluate only the first N images of the split (0: all of them)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
+    if args.max_images < 0:
+        fail(f"--max-images must be 0 (every image) or a positive number, got {args.max_images}")
 
     from setr_lowmem.data.classes import class_names
     from setr_lowmem.engine.evaluate import evaluate, format_table

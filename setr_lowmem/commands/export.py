@@ -8,35 +8,44 @@ directory instead (`PretrainedSETR.from_pretrained(OUT)`, `push_to_hub`).
 
 from __future__ import annotations
 
-import argparse
+import os
 from pathlib import Path
 
-from setr_lowmem.cli import fail, run_main
+from setr_lowmem.cli import command_parser, fail, run_main
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("checkpoint", help="a checkpoint directory (runs/<name>/checkpoints/iter_...)")
-    parser.add_argument("out", help="the .safetensors file to write (with --hub: the directory)")
+    parser.add_argument("out", help="the .safetensors file to write; an existing directory, or a path ending in '/', "
+                                    "gets model.safetensors inside (with --hub: the directory to write)")
     parser.add_argument("--hub", action="store_true",
                         help="write a Hugging Face Hub directory (model.safetensors, config.json, README.md) that "
                              "PretrainedSETR.from_pretrained loads")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args()
 
-    from setr_lowmem.engine.checkpoint import export_fp32
+    from setr_lowmem.engine.checkpoint import export_fp32, intact, writable_target
     from setr_lowmem.engine.rundir import writable_dir
 
     if not Path(args.checkpoint).is_dir():
         fail(f"checkpoint directory not found: {args.checkpoint}")
+    intact(Path(args.checkpoint))
     if args.hub:
         from setr_lowmem.engine.hub import PretrainedSETR
 
-        out = writable_dir(Path(args.out), "the output directory")
+        out = Path(args.out)
+        writable_target(out / "model.safetensors", args.overwrite)
+        writable_dir(out, "the output directory")
         PretrainedSETR.from_checkpoint(args.checkpoint).save_pretrained(out)
         print(f"wrote {out}: load it with PretrainedSETR.from_pretrained({str(out)!r})")
         return
-    writable_dir(Path(args.out).parent, "the directory of the output")
-    out = export_fp32(Path(args.checkpoint), Path(args.out))
+    out = Path(args.out)
+    if args.out.endswith(("/", os.sep)) or out.is_dir():
+        out = out / "model.safetensors"
+    writable_target(out, args.overwrite)
+    writable_dir(out.parent, "the directory of the output")
+    out = export_fp32(Path(args.checkpoint), out, args.overwrite)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, fp32)")
 
 

@@ -7,31 +7,52 @@ picks the fastest memory plan that fits that budget (see `setr-plan`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from setr_lowmem.cli import fail, run_main
+from setr_lowmem.cli import command_parser, fail, run_main
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", required=True, help="config file; a bare name is looked up in configs/")
+    parser = command_parser(__doc__)
+    parser.add_argument("--cfg", help="config file; a bare name is looked up in the shipped configs (--list-configs)")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N iterations")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="stop after N iterations of this session, with a checkpoint (a resumed run counts from "
+                             "its resume point: --resume auto --stop-after 100 runs 100 more)")
+    parser.add_argument("--allow-change", default="", metavar="KEY[,KEY]",
+                        help="with --resume: keys whose new value is a deliberate change, e.g. "
+                             "`--allow-change optim.lr optim.lr=0.0005` (optim.lr, schedule.iters, ...; logged and "
+                             "added to the run's config_history.jsonl)")
     parser.add_argument("--auto-fit", type=float, default=None, metavar="GIB",
                         help="choose micro-batch/checkpointing/8-bit/offload to fit GIB of GPU memory")
     parser.add_argument("--cap-gib", type=float, default=None, metavar="GIB",
                         help="cap this process's GPU memory, to see whether a smaller card would hold the run")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the file with the overrides applied, every key) and exit")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 train.micro_batch=4")
     args = parser.parse_intermixed_args()
+
+    from setr_lowmem.config import dump_config, load_config, shipped_configs
+
+    if args.list_configs:
+        for name, title in shipped_configs():
+            print(f"{name:<22} {title}")
+        return
+    if not args.cfg:
+        fail("--cfg is required: a config file, or a shipped config's name (--list-configs lists them)")
     if args.stop_after is not None and args.stop_after < 1:
         fail(f"--stop-after must be a positive number of iterations, got {args.stop_after}")
-
-    from setr_lowmem.config import load_config
-    from setr_lowmem.engine.train import train
-
+    if args.allow_change and not args.resume:
+        fail("--allow-change needs --resume: it names what may differ from the checkpoint's config")
+    for name, value in (("--auto-fit", args.auto_fit), ("--cap-gib", args.cap_gib)):
+        if value is not None and not value > 0:
+            fail(f"{name} must be a positive number of GiB, got {value}")
     cfg = load_config(args.cfg, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg, f"{args.cfg}" + (f" with {' '.join(args.overrides)}" if args.overrides else "")), end="")
+        return
     if args.cap_gib is not None:
         import torch
 
@@ -44,7 +65,10 @@ def main() -> None:
         from setr_lowmem.sizing.planner import auto_fit
 
         cfg = auto_fit(cfg, args.auto_fit)
-    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    from setr_lowmem.engine.train import train
+
+    allow = tuple(k for k in args.allow_change.split(",") if k)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after, allow_change=allow)
     report(summary, cfg.schedule.iters)
 
 

@@ -17,7 +17,6 @@ from setr_lowmem.errors import SetrError
 IGNORE = 255
 
 
-
 class DataError(SetrError, ValueError):
     """A dataset problem (missing root, unmatched files, bad labels), in one line."""
 
@@ -68,6 +67,13 @@ def open_image(ref: str | Path | dict, mode: str) -> Image.Image:
         return Image.fromarray(arr.astype(np.uint8))
     if mode == "L" and img.mode == "P":
         return Image.fromarray(np.asarray(img))  # the palette indices are the classes
+    if mode == "RGB" and img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # a 16-bit (or float) photo: PIL's convert would clip it to white; scale its range to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            top = max(float(arr.max(initial=0)), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8))
     return img.convert(mode)
 
 
@@ -85,3 +91,17 @@ def load_pair(rows: datasets.Dataset, index: int, lut: np.ndarray, num_classes: 
         raise DataError(f"label {where} has value {int(bad.max())} outside 0..{num_classes - 1} (and {IGNORE}) "
                         "after the dataset's label mapping; check data.num_classes")
     return image, label, where
+
+
+def check_some_labels(source: Source, num_classes: int, samples: int = 16) -> None:
+    """A split whose sampled labels are all ignored (255) would train on a loss of 0 at every step:
+    an error naming the split, before any model is built. Up to `samples` rows are decoded, spread
+    over the split."""
+    n = len(source)
+    for index in sorted({int(i) for i in np.linspace(0, n - 1, min(samples, n))}):
+        _, label, _ = load_pair(source.rows, index, source.lut, num_classes)
+        if (label != IGNORE).any():
+            return
+    raise DataError(f"{source.name}: every pixel of {min(samples, n)} label maps spread over the split is ignored "
+                    f"({IGNORE} after the dataset's label mapping): nothing to learn from; check the label files "
+                    "and data.reduce_zero_label")

@@ -23,9 +23,10 @@ from setr_lowmem.data.base import IGNORE
 
 
 def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv's keep-ratio rescale: the largest size with long side <= max(scale) and short side <= min(scale)."""
+    """mmcv's keep-ratio rescale: the largest size with long side <= max(scale) and short side <= min(scale).
+    A side never rounds down to 0 (mmcv's would for a 3 x 2000 strip): it keeps at least one pixel."""
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    return max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)
 
 
 def resize_pair(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]):

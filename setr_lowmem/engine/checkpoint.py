@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -28,7 +29,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from setr_lowmem.config import (Config, config_from_dict, config_to_dict, diff_configs, may_change_on_resume,
+from setr_lowmem.config import (Config, config_from_text, config_to_dict, diff_configs, may_change_on_resume,
                                 save_config)
 from setr_lowmem.errors import SetrError
 from setr_lowmem.memory.checkpointing import WRAPPER
@@ -73,8 +74,10 @@ def write_manifest(path: Path) -> None:
     (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
-def damage(path: Path) -> str:
-    """'' if checkpoint `path` is complete and intact, else what is wrong with it (one phrase)."""
+def damage(path: Path, quick: bool = False) -> str:
+    """'' if checkpoint `path` is complete and intact, else what is wrong with it (one phrase).
+    `quick`: compare the files' sizes with the manifest, not their checksums (for checkpoints
+    already verified once in full, when they were written or resumed from)."""
     path = Path(path)
     if not path.is_dir():
         return "not a directory"
@@ -90,9 +93,14 @@ def damage(path: Path) -> str:
             return f"{rel} is missing"
         if f.stat().st_size != info["size"]:
             return f"{rel} has {f.stat().st_size} bytes, not {info['size']}"
-        if _sha256(f) != info["sha256"]:
+        if not quick and _sha256(f) != info["sha256"]:
             return f"{rel} is corrupt (its checksum differs from the manifest's)"
     return ""
+
+
+def iteration_of(path: Path) -> int:
+    """The iteration of checkpoint directory `path` (`iter_0001000` -> 1000)."""
+    return int(NAME.match(Path(path).name).group(1))
 
 
 def intact(path: Path) -> Path:
@@ -103,17 +111,30 @@ def intact(path: Path) -> Path:
     return Path(path)
 
 
-def weights_finite(module: torch.nn.Module) -> bool:
-    """Whether every parameter (under ZeRO-3, this process's partition of it) and every floating buffer
-    (BatchNorm's running statistics) is finite."""
+# A weight larger than this cannot take part in a float32 product with activations of order one without
+# overflowing two layers on (its square overflows float32): the training has diverged, whatever isfinite says.
+DIVERGED = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def weights_problem(module: torch.nn.Module) -> str:
+    """'' if every parameter (under ZeRO-3, this process's partition of it) and every floating buffer
+    (BatchNorm's running statistics) is finite and below `DIVERGED` in magnitude, else what is wrong."""
     tensors = [getattr(p, "ds_tensor", p) for p in module.parameters()]
     tensors += [b for b in module.buffers() if b.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    largest = max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+    if not math.isfinite(largest):
+        return "are not finite"
+    if largest > DIVERGED:
+        return f"have diverged (the largest is {largest:.2g} in magnitude)"
+    return ""
 
 
-def save_checkpoint(accelerator, run_dir: Path, iteration: int, cfg: Config, meta: dict, keep_last: int) -> Path:
-    """Write the checkpoint of `iteration` atomically (all processes call this). A write that fails
-    (a full or read-only disk) removes its partial files and leaves the previous checkpoint as it was."""
+def save_checkpoint(accelerator, run_dir: Path, iteration: int, cfg: Config, meta: dict, keep_last: int,
+                    protect: tuple[Path, ...] = ()) -> Path:
+    """Write the checkpoint of `iteration` atomically (all processes call this), verify it against its
+    manifest, then prune (`prune`; `protect`: checkpoints never deleted, e.g. the one resumed from).
+    A write that fails (a full or read-only disk, whatever the writer raises) removes its partial
+    files and leaves every earlier checkpoint as it was."""
     root = checkpoint_dir(run_dir)
     final = root / f"iter_{iteration:07d}"
     tmp = root / f".tmp-{final.name}"
@@ -130,21 +151,65 @@ def save_checkpoint(accelerator, run_dir: Path, iteration: int, cfg: Config, met
             (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "time": time.time(), **meta},
                                                       indent=1))
             write_manifest(tmp)
-            if final.exists():  # the same iteration saved again (a resumed run stopped at once)
+            problem = damage(tmp)  # read back: what pruning relies on before it deletes anything
+            if problem:
+                raise OSError(f"the written checkpoint does not pass its manifest: {problem}")
+            if final.exists():  # only ever the checkpoint this session resumed from, saved again
                 shutil.rmtree(final)
             tmp.rename(final)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - OSError, safetensors' and torch's writer errors alike
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
-        raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}; "
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}; "
                               + (f"the newest complete one is {previous[-1].name}" if previous
                                  else "no checkpoint was written yet")) from None
     if accelerator.is_main_process:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("saved checkpoint %s in %.1f s", final, time.time() - start)
+        removed = prune(run_dir, keep_last, protect=(final, *protect))
+        log.info("saved checkpoint %s in %.1f s%s", final, time.time() - start,
+                 f"; removed {', '.join(p.name for p in removed)} (train.keep_last={keep_last})" if removed else "")
     accelerator.wait_for_everyone()
     return final
+
+
+def prune(run_dir: Path, keep_last: int, protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete the checkpoints older than the newest `keep_last` intact ones. A damaged checkpoint never
+    counts as one of those (it is deleted only when older than them); the checkpoints in `protect`
+    are never deleted. Intact here means complete by the manifest's sizes: each was verified in
+    full when it was written. Returns what was deleted."""
+    found = list_checkpoints(run_dir)
+    intact_ones = [p for p in found if not damage(p, quick=True)]
+    kept = intact_ones[-keep_last:]
+    if not kept:
+        return []
+    oldest_kept = iteration_of(kept[0])
+    keep = {p.resolve() for p in (*kept, *protect)}
+    removed = [p for p in found if iteration_of(p) < oldest_kept and p.resolve() not in keep]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+SET_ASIDE = "set_aside"
+
+
+def set_aside_newer(run_dir: Path, start: Path) -> Path | None:
+    """Move the checkpoints of `run_dir` newer than `start` (the one a run resumes from) to
+    `checkpoints/set_aside/<time>-resumed-from-<start>/`: the resumed run will write checkpoints of
+    the same iterations, and must neither overwrite nor prune another history. Nothing is deleted;
+    returns where they went (None when there were none)."""
+    newer = [p for p in list_checkpoints(run_dir) if iteration_of(p) > iteration_of(start)]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    where = checkpoint_dir(run_dir) / SET_ASIDE / f"{stamp}-resumed-from-{Path(start).name}"
+    where.mkdir(parents=True, exist_ok=True)
+    for p in newer:
+        p.rename(where / p.name)
+    log.warning("resuming from %s: set aside the %d newer checkpoint(s) (%s) in %s; they are kept, never pruned "
+                "or resumed by --resume auto: delete them yourself when no longer needed", start, len(newer),
+                ", ".join(p.name for p in newer), where)
+    return where
 
 
 def clean_partial(run_dir: Path) -> None:
@@ -157,28 +222,50 @@ def clean_partial(run_dir: Path) -> None:
 
 def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     """'auto' -> the newest intact checkpoint of the run (damaged ones are skipped, saying why), or
-    None; a path -> that checkpoint, which must be intact."""
+    None when the run has none at all; a path -> that checkpoint, which must be intact. A run whose
+    every checkpoint is damaged is an error: starting over is the user's decision, not a default."""
     if not resume:
         return None
     if resume != "auto":
         return intact(Path(resume))
+    skipped = []
     for path in reversed(list_checkpoints(run_dir)):
         problem = damage(path)
         if not problem:
             return path
         log.warning("--resume auto: skipping checkpoint %s: %s", path, problem)
-    log.warning("--resume auto: no intact checkpoint in %s: starting from iteration 0", checkpoint_dir(run_dir))
+        skipped.append(f"{path.name}: {problem}")
+    if skipped:
+        raise CheckpointError(f"--resume auto: every checkpoint in {checkpoint_dir(run_dir)} is damaged "
+                              f"({'; '.join(skipped)}); nothing was changed. To start again from iteration 0, "
+                              "set train.out_dir to a new directory")
+    log.warning("--resume auto: no checkpoint in %s yet: starting from iteration 0", checkpoint_dir(run_dir))
     return None
 
 
-def check_compatible(path: Path, cfg: Config) -> None:
-    """A resume whose config differs from the checkpoint's in what is trained is an error that lists
-    the differences; the keys whose fields say `may_change_on_resume` may differ."""
+# What a user may change deliberately when resuming (`--allow-change KEY`): values the optimizer and
+# the schedule read at every step, re-applied after the checkpoint's state is loaded
+# (`schedule.reapply_hyperparameters`). Everything else that is trained (the model, the data, the
+# precision, the optimizer's kind and state width) would not load, or would silently not take effect.
+CHANGEABLE = ("optim.lr", "optim.head_lr_mult", "optim.momentum", "optim.weight_decay", "optim.betas",
+              "schedule.iters", "schedule.min_lr", "schedule.power", "loss.main_weight", "loss.aux_weight")
 
+
+def check_compatible(path: Path, cfg: Config, allow: tuple[str, ...] = ()) -> list[str]:
+    """A resume whose config differs from the checkpoint's in what is trained is an error that lists
+    the differences; the keys whose fields say `may_change_on_resume` may differ, and the keys of
+    `allow` (from `CHANGEABLE`) are deliberate changes, returned as 'key: old -> new' lines."""
+    bad = [k for k in allow if k not in CHANGEABLE]
+    if bad:
+        raise CheckpointError(f"--allow-change {bad[0]}: only these keys may change on resume: {', '.join(CHANGEABLE)}")
     saved = yaml.safe_load((path / "config.yaml").read_text())
     diffs = [d for d in diff_configs(saved, config_to_dict(cfg)) if not may_change_on_resume(d.split(":", 1)[0])]
-    if diffs:
-        raise CheckpointError(f"cannot resume from {path}: the config differs in what is trained: " + "; ".join(diffs))
+    refused = [d for d in diffs if d.split(":", 1)[0] not in allow]
+    if refused:
+        hint = [d.split(":", 1)[0] for d in refused if d.split(":", 1)[0] in CHANGEABLE]
+        raise CheckpointError(f"cannot resume from {path}: the config differs in what is trained: " + "; ".join(refused)
+                              + (f" (to change it deliberately: --allow-change {' '.join(hint)})" if hint else ""))
+    return diffs
 
 
 def strip_prefixes(sd: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
@@ -214,29 +301,52 @@ def _non_finite(sd: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def export_fp32(path: Path, out: Path) -> Path:
+def export_fp32(path: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the consolidated fp32 model of checkpoint `path` as one safetensors file (never one with
-    non-finite weights)."""
+    non-finite weights, never into a checkpoint, never over an existing file unless `overwrite`)."""
+    out = writable_target(Path(out), overwrite)
     sd = {k: v.contiguous() for k, v in consolidated_state_dict(path).items()}
     bad = _non_finite(sd)
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): not exported")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.parent / f".{out.name}.tmp"
     metadata = {"source": str(path), "format": "setr_lowmem"}
     if (path / "config.yaml").is_file():  # the file rebuilds its model without a --cfg
         metadata["config"] = (path / "config.yaml").read_text()
-    save_file(sd, str(tmp), metadata=metadata)
-    tmp.rename(out)
+    try:
+        save_file(sd, str(tmp), metadata=metadata)
+        tmp.replace(out)
+    except Exception as err:  # noqa: BLE001 - a full disk or a foreign writer error: nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from None
+    return out
+
+
+def writable_target(out: Path, overwrite: bool = False) -> Path:
+    """`out` if a trained model may be written there: not inside a checkpoint (which its manifest
+    would then no longer match), not over an existing file unless `overwrite`, not a directory."""
+    try:
+        resolved = out.resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise CheckpointError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from None
+    inside = next((d for d in resolved.parents if (d / MANIFEST).is_file()), None)
+    if inside is not None:
+        raise CheckpointError(f"{out} is inside checkpoint {inside}: a checkpoint is never written into "
+                              "(its manifest would no longer match); write the export elsewhere")
+    if resolved.is_dir():
+        raise CheckpointError(f"{out} is a directory; give the .safetensors file to write")
+    if resolved.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists: not written over (pass --overwrite to replace it)")
     return out
 
 
 def stored_config(path: str | Path) -> Config | None:
-    """The config a trained model was made with: a checkpoint directory's `config.yaml`, or the
+    """The config a trained model was made with: an intact checkpoint directory's `config.yaml`, or the
     `config` metadata of an exported file. None where there is none (an imported or older file)."""
     path = Path(path)
     if path.is_dir():
+        intact(path)  # a damaged checkpoint is refused before any of its files is read
         text = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
     else:
         try:
@@ -244,7 +354,7 @@ def stored_config(path: str | Path) -> Config | None:
                 text = (f.metadata() or {}).get("config")
         except Exception as err:  # noqa: BLE001 - a truncated or foreign file is one line
             raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-    return None if text is None else config_from_dict(yaml.safe_load(text), f"the config stored in {path}")
+    return None if text is None else config_from_text(text, f"the config stored in {path}")
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:

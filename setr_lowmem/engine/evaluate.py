@@ -22,6 +22,7 @@ from setr_lowmem.config import Config
 from setr_lowmem.data.loader import EvalSet, eval_inputs
 from setr_lowmem.data.base import IGNORE, Source
 from setr_lowmem.data.sources import open_source
+from setr_lowmem.memory.decoder import bilinear_matrix
 from setr_lowmem.model.loss import resize_to
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -61,11 +62,10 @@ def slide_logits(predict: Predict, image: torch.Tensor, num_classes: int, crop: 
     return out / count
 
 
-@torch.no_grad()
-def predict_probs(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
-    """Class probabilities (C x H x W, at the image's original size) averaged over scales and flips."""
-    h, w = image.shape[:2]
+def _views(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
+           autocast: Callable[[], contextlib.AbstractContextManager]):
+    """The logits (1 x C x h x w, float32, at the test size of each scale, a flipped view flipped back)
+    of every scale and flip of the test protocol."""
     e, classes = cfg.eval, cfg.data.num_classes
     dtype = next(model.parameters()).dtype
 
@@ -73,8 +73,6 @@ def predict_probs(model: nn.Module, image: np.ndarray, cfg: Config, device: torc
         with autocast():
             return model.predict(x.to(dtype))
 
-    total = torch.zeros((classes, h, w), device=device)
-    views = 0
     for x in eval_inputs(image, cfg.data, e.scales, e.ratio_of):
         x = x[None].to(device)
         for flip in ([False, True] if e.flip else [False]):
@@ -83,11 +81,48 @@ def predict_probs(model: nn.Module, image: np.ndarray, cfg: Config, device: torc
                 logits = slide_logits(predict, xi, classes, e.crop, e.stride)
             else:
                 logits = whole_logits(predict, xi)
-            if flip:
-                logits = logits.flip(-1)
-            total += resize_to(logits.float(), (h, w))[0].softmax(0)
-            views += 1
+            yield (logits.flip(-1) if flip else logits).float()
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """Class probabilities (C x H x W, at the image's original size) averaged over scales and flips."""
+    h, w = image.shape[:2]
+    total = torch.zeros((cfg.data.num_classes, h, w), device=device)
+    views = 0
+    for logits in _views(model, image, cfg, device, autocast):
+        total += resize_to(logits, (h, w))[0].softmax(0)
+        views += 1
     return total / views
+
+
+PROBS_BUDGET = 2**28  # bytes of original-size probabilities held at once; beyond, the class map is made in bands
+
+
+@torch.no_grad()
+def predict_classes(model: nn.Module, image: np.ndarray, cfg: Config, device: torch.device,
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                    budget: int = PROBS_BUDGET) -> torch.Tensor:
+    """The predicted class of every pixel (H x W, int64, on the CPU): the argmax of `predict_probs`.
+    An image whose probabilities would take more than `budget` bytes (150 classes of a 10000 x 10000
+    photo: 60 GB) is done in bands of rows: each view's logits are resized to the band alone, as two
+    products with bilinear interpolation matrices (the weights `F.interpolate` uses), so that only
+    one band's probabilities exist at a time."""
+    h, w = image.shape[:2]
+    classes = cfg.data.num_classes
+    if classes * h * w * 4 <= budget:
+        return predict_probs(model, image, cfg, device, autocast).argmax(0).cpu()
+    views = list(_views(model, image, cfg, device, autocast))
+    rows_at_once = max(1, budget // (classes * w * 4))
+    out = torch.empty((h, w), dtype=torch.int64)
+    widths = [bilinear_matrix(w, v.shape[-1], device, torch.float32) for v in views]
+    heights = [bilinear_matrix(h, v.shape[-2], device, torch.float32) for v in views]
+    for top in range(0, h, rows_at_once):
+        band = slice(top, min(top + rows_at_once, h))
+        total = sum((a_h[band] @ v[0] @ a_w.t()).softmax(0) for v, a_h, a_w in zip(views, heights, widths))
+        out[band] = total.argmax(0).cpu()
+    return out
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -131,8 +166,8 @@ def evaluate(model: nn.Module, cfg: Config, device: torch.device, source: Source
     try:
         for i in range(rank, len(images), world):
             image, label, _ = images[i]
-            probs = predict_probs(model, image, cfg, device, autocast)
-            cm += confusion_matrix(probs.argmax(0).cpu(), torch.from_numpy(label), classes)
+            pred = predict_classes(model, image, cfg, device, autocast)
+            cm += confusion_matrix(pred, torch.from_numpy(label), classes)
             bar.update(1)
     finally:
         bar.close()

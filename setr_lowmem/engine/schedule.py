@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from setr_lowmem.config import ScheduleConfig
+from setr_lowmem.config import Config, ScheduleConfig
 
 
 def poly_lr(t: int, base_lr: float, cfg: ScheduleConfig) -> float:
@@ -47,3 +47,23 @@ class _Factor:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig) -> LambdaLR:
     """A LambdaLR stepped once per iteration (after the optimizer step)."""
     return LambdaLR(optimizer, lr_lambda=[_Factor(g["lr"], cfg) for g in optimizer.param_groups])
+
+
+def reapply_hyperparameters(scheduler: LambdaLR, cfg: Config) -> None:
+    """Make a resumed run use `cfg`'s optimizer and schedule values (`--allow-change`): loading a
+    checkpoint restores the saved ones into the optimizer's groups (lr, momentum, weight decay,
+    betas) and into the schedule (each group's base lr and poly parameters). The lr of the current
+    iteration is recomputed from the new values; the optimizer's state (momentum buffers) is kept."""
+    o = cfg.optim
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        name = group.get("name", "encoder")
+        base = o.lr * (o.head_lr_mult if name.startswith("head") else 1.0)
+        group["weight_decay"] = 0.0 if name.endswith("_no_decay") else o.weight_decay
+        if "momentum" in group:
+            group["momentum"] = o.momentum
+        if "betas" in group:
+            group["betas"] = tuple(o.betas)
+        factor = _Factor(base, cfg.schedule)
+        scheduler.lr_lambdas[i] = factor
+        scheduler.base_lrs[i] = group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)

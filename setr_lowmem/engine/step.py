@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                                set_seed)
 
-from setr_lowmem.compat import reset_accelerate_state
+from setr_lowmem.compat import BatchNormBase, reset_accelerate_state
 from setr_lowmem.config import Config, ConfigError
 from setr_lowmem.engine.schedule import build_scheduler
 from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
@@ -231,10 +231,24 @@ class TrainingStep:
 
     def run(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             after_backward: Callable[[], None] | None = None) -> Outcome:
-        """One iteration: `forward_backward` over `accumulation` micro-batches, then `finish`."""
+        """One iteration: `forward_backward` over `accumulation` micro-batches, then `finish`. A skipped
+        iteration leaves the model as it found it: BatchNorm's running statistics, which its forward
+        passes moved, are put back too."""
+        statistics = _batchnorm_statistics(self.module)
+        saved = [b.clone() for b in statistics]
         outcome = self.forward_backward(micro_batches, after_backward)
         outcome.skipped = self.finish(outcome.skipped)
+        if outcome.skipped:
+            with torch.no_grad():
+                for b, old in zip(statistics, saved, strict=True):
+                    b.copy_(old)
         return outcome
+
+
+def _batchnorm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics (mean, variance, batch count) of every BatchNorm in `module`."""
+    return [b for m in module.modules() if isinstance(m, BatchNormBase)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
 
 def prepare_step(cfg: Config, accelerator: Accelerator) -> TrainingStep:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,11 +23,13 @@ from accelerate import Accelerator
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from setr_lowmem.config import Config, config_to_dict, save_config
+from setr_lowmem.data.base import check_some_labels
 from setr_lowmem.data.loader import build_train_loader, stream_state
 from setr_lowmem.data.sources import Source, open_source
 from setr_lowmem.engine import checkpoint as ckpt
 from setr_lowmem.engine.evaluate import evaluate
 from setr_lowmem.engine.rundir import RunLock, writable_dir
+from setr_lowmem.engine.schedule import reapply_hyperparameters
 from setr_lowmem.engine.step import TrainingStep, make_accelerator, prepare_step, warn_single_process_launch
 from setr_lowmem.errors import SetrError
 from setr_lowmem.sizing.meters import MemoryMeter, fit_line
@@ -77,6 +80,7 @@ class Run:
     stop_at: int
     progress: object
     start: int = 0  # the iteration this session started from
+    resumed_from: Path | None = None  # the checkpoint it started from: never pruned during the session
     started: float = field(default_factory=time.time)
     window: list[float] = field(default_factory=list)  # losses since the last log line
     last_loss: float = float("nan")
@@ -107,11 +111,20 @@ def setup_logging(run_dir: Path, main: bool) -> None:
     log.propagate = False
 
 
+class Interrupted(SetrError):
+    """A second Ctrl-C while the run was finishing its iteration: it stops at once, without a checkpoint."""
+
+    exit_code = 130
+
+
 class _Signals:
-    """SIGTERM/SIGINT ask the loop to save and stop at the end of the current iteration."""
+    """SIGTERM/SIGINT ask the loop to save and stop at the end of the current iteration. A second
+    Ctrl-C stops at once, except while a checkpoint is being written: that save finishes first (an
+    interrupted save would cost every iteration since the previous checkpoint)."""
 
     def __init__(self):
         self.stop = None
+        self.saving = False
         self._old = {}
 
     def __enter__(self):
@@ -123,19 +136,36 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.saving:
+            log.warning("%s received while a checkpoint is being written: the save finishes, then the run stops", name)
+            self.stop = self.stop or name
+            return
         if self.stop is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = signal.Signals(signum).name
+            raise Interrupted("stopped at once by a second Ctrl-C: the iteration in progress is not saved; "
+                              "continue from the newest checkpoint with --resume auto")
+        self.stop = name
         log.warning("%s received: saving a checkpoint at the end of this iteration", self.stop)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals that arrive within only ask for a stop: used around a checkpoint's save."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
-def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> dict:
-    """Train per `cfg`; returns a summary (iteration, losses, skipped steps, peaks, mIoU)."""
-    run = open_run(cfg, resume, stop_after)
+def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
+          allow_change: tuple[str, ...] = ()) -> dict:
+    """Train per `cfg`; returns a summary (iteration, losses, skipped steps, peaks, mIoU). `allow_change`:
+    keys that may differ from the resumed checkpoint's config (`checkpoint.CHANGEABLE`)."""
+    run = open_run(cfg, resume, stop_after, allow_change)
     # log lines print above the progress bar, not glued to its end
     with _Signals() as signals, logging_redirect_tqdm(loggers=[log]), _ending(run):
         while run.state.iteration < run.stop_at and signals.stop is None:
@@ -147,7 +177,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             # checkpoint first: a validation that fails must not take the training with it. A checkpoint
             # follows a good step (never inside a run of non-finite losses), and always ends the schedule.
             if checkpoint_due(run, signals.stop) and (not skipped or run.state.iteration == run.cfg.schedule.iters):
-                save(run)
+                with signals.deferred():
+                    save(run)
             validate_if_due(run)
         return close_run(run, signals.stop)
 
@@ -166,27 +197,36 @@ def _ending(run: Run):
             run.lock.release()
 
 
-def open_run(cfg: Config, resume: str | None, stop_after: int | None) -> Run:
+def open_run(cfg: Config, resume: str | None, stop_after: int | None, allow_change: tuple[str, ...] = ()) -> Run:
     """Settle what to resume from, then build everything a session needs, in an order that fails early:
-    the resume point and the run directory first, both data splits before the model."""
+    the resume point and the run directory first, both data splits before the model. A start that
+    fails leaves no run directory behind that it created."""
     run_dir = cfg.run_dir
     accelerator = make_accelerator(cfg, run_dir, trackers=True)
+    created = not run_dir.exists()
     lock = None
     if accelerator.is_main_process:
         writable_dir(run_dir, "train.out_dir")
         lock = RunLock(run_dir).acquire()  # before anything in the directory is read, written or cleaned
+    try:
+        return _open(cfg, accelerator, lock, resume, stop_after, allow_change)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            setup_logging(run_dir, False)  # closes train.log before its directory goes
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _open(cfg: Config, accelerator: Accelerator, lock: RunLock | None, resume: str | None, stop_after: int | None,
+          allow_change: tuple[str, ...]) -> Run:
+    run_dir = cfg.run_dir
     setup_logging(run_dir, accelerator.is_main_process)
     start = ckpt.find_resume(run_dir, resume)
-    existing = ckpt.list_checkpoints(run_dir)
-    if start is None and existing and resume != "auto":
-        raise ckpt.CheckpointError(
-            f"{run_dir} already holds checkpoints (newest {existing[-1].name}): continue it with --resume auto, "
-            "or set train.out_dir to a new directory")
-    if start is not None:
-        ckpt.check_compatible(start, cfg)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-        ckpt.clean_partial(run_dir)
+    if start is None:
+        _refuse_earlier_results(run_dir, resume)
+    changes = [] if start is None else ckpt.check_compatible(start, cfg, allow_change)
     world = accelerator.num_processes
     log.info("run %s: %d process(es) on %s, micro-batch %d x accumulation %d x %d = batch %d", run_dir, world,
              accelerator.device, cfg.train.micro_batch, cfg.train.accumulation(world), world, cfg.train.total_batch)
@@ -194,19 +234,60 @@ def open_run(cfg: Config, resume: str | None, stop_after: int | None) -> Run:
     # the data first: a missing split fails before minutes of model building, downloads and training
     source = open_source(cfg.data, cfg.data.train_split)
     val_source = open_source(cfg.data, cfg.data.val_split)
+    check_some_labels(source, cfg.data.num_classes)
     step = prepare_step(cfg, accelerator)
     state = TrainState()
     accelerator.register_for_checkpointing(step.scheduler, state)
     if start is not None:
         _resume(accelerator, start, cfg, state)
+        if changes:
+            reapply_hyperparameters(step.scheduler, cfg)
+    accelerator.wait_for_everyone()  # every process has loaded `start` before the directory changes
+    if accelerator.is_main_process:  # the first writes into the run directory: every check has passed
+        if start is not None:
+            ckpt.set_aside_newer(run_dir, start)
+        ckpt.clean_partial(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        if changes:
+            _record_changes(run_dir, start, changes)
     accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(cfg)))
     loader = build_train_loader(cfg, state.iteration, accelerator.process_index, world, source)
     meter = MemoryMeter(accelerator.device)
     meter.reset()
     stop_at = cfg.schedule.iters if stop_after is None else min(cfg.schedule.iters, state.iteration + stop_after)
     return Run(cfg, accelerator, step, state, source, val_source, lock, iter(loader), meter, stop_at,
-               _progress(accelerator, cfg, state.iteration), start=state.iteration,
+               _progress(accelerator, cfg, state.iteration), start=state.iteration, resumed_from=start,
                summary={"start_iteration": state.iteration, "losses": [], "skipped": state.skipped})
+
+
+# what an earlier run leaves in its directory; a run that starts from iteration 0 never writes over them
+RESULTS = ("model.safetensors", "metrics.jsonl", "eval.json", "config.yaml")
+
+
+def _refuse_earlier_results(run_dir: Path, resume: str | None) -> None:
+    """A run starting from iteration 0 may not write into the results of an earlier one. The one
+    exception: `--resume auto` after a run that stopped before its first checkpoint (a requeued job)
+    starts again there, adding to its metrics; an exported model is never written over."""
+    found = [name for name in RESULTS if (run_dir / name).exists()]
+    root = ckpt.checkpoint_dir(run_dir)
+    if root.is_dir() and any(root.iterdir()):
+        found.insert(0, "checkpoints/")
+    if resume == "auto" and "model.safetensors" not in found and "checkpoints/" not in found:
+        return
+    if found:
+        newest = ckpt.list_checkpoints(run_dir)
+        raise ckpt.CheckpointError(
+            f"{run_dir} already holds the results of an earlier run ({', '.join(found)}"
+            + (f"; newest checkpoint {newest[-1].name}" if newest else "") + "): "
+            + ("continue it with --resume auto, or " if newest else "") + "set train.out_dir to a new directory")
+
+
+def _record_changes(run_dir: Path, start: Path, changes: list[str]) -> None:
+    """Log the deliberate changes of a resume (`--allow-change`) and add them to the run's history."""
+    log.warning("resuming from %s with deliberate changes: %s", start, "; ".join(changes))
+    with open(run_dir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from": str(start),
+                            "iteration": ckpt.iteration_of(start), "changes": changes}) + "\n")
 
 
 def _resume(accelerator: Accelerator, start: Path, cfg: Config, state: TrainState) -> None:
@@ -258,7 +339,7 @@ def iterate(run: Run) -> bool:
             newest = ckpt.list_checkpoints(run.run_dir)
             raise NonFiniteLossError(
                 f"{state.bad_streak} consecutive non-finite losses at iteration {state.iteration}: stopping without "
-                "a checkpoint; lower optim.lr" + (f", or resume from {newest[-1].name}" if newest else ""))
+                f"a checkpoint; {_advice(run)}")
         return True
     state.bad_streak = 0
     run.last_loss = run.accelerator.reduce(outcome.loss, reduction="mean").item()
@@ -310,6 +391,8 @@ def validate_if_due(run: Run) -> None:
     try:
         run.summary["val"] = _validate(run)
         run.val_error = ""
+    except Interrupted:
+        raise
     except (SetrError, OSError) as err:
         run.val_error = str(err).splitlines()[0] if str(err) else type(err).__name__
         run.summary.pop("val", None)
@@ -323,25 +406,39 @@ def checkpoint_due(run: Run, signal_name: str | None) -> bool:
 
 
 def save(run: Run) -> None:
-    """The checkpoint of this iteration, if the weights are finite on every process; else the run stops."""
+    """The checkpoint of this iteration, if the weights are usable on every process (finite, and not
+    diverged: `checkpoint.weights_problem`); else the run stops without writing one."""
     accelerator, it = run.accelerator, run.state.iteration
-    finite = torch.tensor([float(ckpt.weights_finite(run.step.module))], device=accelerator.device)
-    if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
-        newest = ckpt.list_checkpoints(run.run_dir)
-        raise NonFiniteWeightsError(
-            f"the weights are not finite at iteration {it}: no checkpoint written, nothing exported; lower optim.lr"
-            + (f" and resume from {newest[-1].name}" if newest else ""))
+    if it == run.start and run.resumed_from is not None:
+        return  # stopped before its first iteration: the checkpoint it resumed from is this one
+    problem = ckpt.weights_problem(run.step.module)
+    bad = torch.tensor([float(bool(problem))], device=accelerator.device)
+    if accelerator.reduce(bad, reduction="sum").item() > 0:
+        raise NonFiniteWeightsError(f"the weights {problem or 'of another process are not usable'} at iteration {it}: "
+                                    f"no checkpoint written, nothing exported; {_advice(run)}")
     cfg = run.cfg
     data = stream_state(it, cfg.train.total_batch, cfg.train.seed, len(run.source))
+    protect = (run.resumed_from,) if run.resumed_from is not None else ()
     ckpt.save_checkpoint(accelerator, run.run_dir, it, cfg, {"loss": run.last_loss, "data": data},
-                         cfg.train.keep_last)
+                         cfg.train.keep_last, protect=protect)
+
+
+def _advice(run: Run) -> str:
+    """What to do after the training diverged: a lower lr, from the start or from the newest checkpoint
+    (every checkpoint holds usable weights: `save` refuses others)."""
+    newest = ckpt.list_checkpoints(run.run_dir)
+    lower = f"optim.lr={run.cfg.optim.lr / 10:g}"
+    if not newest:
+        return f"lower optim.lr (e.g. {lower}) and start again in a new train.out_dir"
+    return (f"lower optim.lr and continue from the newest checkpoint: --resume {newest[-1]} --allow-change optim.lr "
+            f"{lower} (or start again in a new train.out_dir)")
 
 
 def close_run(run: Run, stopped_by: str | None) -> dict:
     """Export the final model when the schedule is done, report the memory peaks, end the trackers."""
     if run.state.iteration == run.cfg.schedule.iters and run.accelerator.is_main_process:
         final = ckpt.checkpoint_dir(run.run_dir) / f"iter_{run.state.iteration:07d}"  # written by the loop
-        out = ckpt.export_fp32(final, run.run_dir / "model.safetensors")
+        out = ckpt.export_fp32(final, run.run_dir / "model.safetensors", overwrite=True)  # this run's own
         log.info("exported the fp32 model to %s", out)
     run.accelerator.wait_for_everyone()
     peaks = run.meter.peaks()

@@ -55,12 +55,17 @@ def load_mmseg_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[
     """Load an mmseg SETR checkpoint (`state_dict` next to `meta`) into `model`.
 
     The position embedding is resized to the model's grid when the checkpoint was trained
-    at another crop. A checkpoint of another model (a shape mismatch, or most keys absent)
-    is an error; otherwise missing and unexpected keys are reported.
+    at another crop. A checkpoint of another model (a shape mismatch, a key missing or left
+    over, a file of this toolkit) is an error: a partly imported model would train as if whole.
     """
     raw = read_state_dict(path)
+    if any(k.startswith("encoder.") for k in raw):
+        raise WeightsError(f"{path} is a model of this toolkit, not an mmsegmentation checkpoint: give it to "
+                           "evaluate/predict with --checkpoint, or continue its run with --resume")
     sd, unknown = mmseg_to_setr_lowmem(raw)
     target = model.state_dict()
+    if not any(k.startswith("auxiliary_head.") for k in target):  # the inference graph: the aux heads are not used
+        sd = {k: v for k, v in sd.items() if not k.startswith("auxiliary_head.")}
     pos = sd.get("encoder.pos_embed")
     if pos is not None and pos.shape != target["encoder.pos_embed"].shape:
         sd["encoder.pos_embed"] = resample_abs_pos_embed(
@@ -71,10 +76,10 @@ def load_mmseg_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[
         raise WeightsError(f"{path} does not fit this model: {mismatch} (check model.decoder and data.num_classes)")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if len(missing) > len(target) // 2:
-        raise WeightsError(f"{path} is not an mmseg SETR checkpoint: {len(missing)} of {len(target)} keys "
-                           f"missing, e.g. {missing[0]}")
-    report = {"missing": missing, "unexpected": list(result.unexpected_keys) + unknown}
-    log.info("imported mmseg checkpoint %s: %d missing, %d unexpected keys", path,
-             len(report["missing"]), len(report["unexpected"]))
-    return report
+    unexpected = list(result.unexpected_keys) + unknown
+    if missing or unexpected:  # half a model imported would train as if it were whole
+        raise WeightsError(f"{path} is not an mmseg SETR checkpoint of this model: {len(missing)} of {len(target)} "
+                           f"keys missing{' (e.g. ' + missing[0] + ')' if missing else ''}, {len(unexpected)} "
+                           f"unexpected{' (e.g. ' + unexpected[0] + ')' if unexpected else ''}")
+    log.info("imported mmseg checkpoint %s: every key of the model (%d tensors)", path, len(sd))
+    return {"missing": missing, "unexpected": unexpected}
