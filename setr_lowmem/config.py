@@ -345,7 +345,9 @@ class TrainConfig:
     ckpt_every: int = resumable(16000)
     """Save a checkpoint every N iterations (0: only at the end and on a signal)."""
     keep_last: int = resumable(3)
-    """Checkpoints kept; older ones are deleted."""
+    """Intact checkpoints kept (besides the one a session resumed from); older ones are deleted."""
+    save_best: Literal["mIoU", "aAcc", "mAcc", "none"] = resumable("mIoU")
+    """Keep the model of the best validation by this metric as best_<metric>.safetensors (mmseg's save_best)."""
     max_bad_steps: int = resumable(5)
     """Consecutive non-finite losses that stop the run."""
     sync_bn: bool = True

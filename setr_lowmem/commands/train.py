@@ -75,10 +75,11 @@ def main() -> None:
 def report(summary: dict, iters: int) -> None:
     """The final line, once: by the main process (the others only share its exit code)."""
     say = fail if summary["main_process"] else lambda message, code=2: sys.exit(code)
-    val = summary.get("val")
-    if val is not None and summary["main_process"]:
-        print(f"final: iteration {summary['iteration']}, mIoU {val['mIoU']:.2f}, aAcc {val['aAcc']:.2f}, "
-              f"mAcc {val['mAcc']:.2f} on {val['images']} validation images; model in {summary['run_dir']}")
+    from setr_lowmem.engine.train import final_line
+
+    line = final_line(summary)
+    if line and summary["main_process"]:
+        print(line)
     if summary.get("val_error") and summary["iteration"] == iters:
         say(f"training finished (model in {summary['run_dir']}) but the final validation failed: "
              f"{summary['val_error']}")

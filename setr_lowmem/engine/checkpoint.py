@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -148,6 +149,8 @@ def save_checkpoint(accelerator, run_dir: Path, iteration: int, cfg: Config, met
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_config(cfg, tmp / "config.yaml")
+            for f in tmp.rglob("*.safetensors"):
+                usual_permissions(f)
             (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "time": time.time(), **meta},
                                                       indent=1))
             write_manifest(tmp)
@@ -301,9 +304,10 @@ def _non_finite(sd: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def export_fp32(path: Path, out: Path, overwrite: bool = False) -> Path:
+def export_fp32(path: Path, out: Path, overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
     """Write the consolidated fp32 model of checkpoint `path` as one safetensors file (never one with
-    non-finite weights, never into a checkpoint, never over an existing file unless `overwrite`)."""
+    non-finite weights, never into a checkpoint, never over an existing file unless `overwrite`);
+    `metadata` is added to the file's own (its source and config)."""
     out = writable_target(Path(out), overwrite)
     sd = {k: v.contiguous() for k, v in consolidated_state_dict(path).items()}
     bad = _non_finite(sd)
@@ -311,16 +315,24 @@ def export_fp32(path: Path, out: Path, overwrite: bool = False) -> Path:
         raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): not exported")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"
-    metadata = {"source": str(path), "format": "setr_lowmem"}
+    metadata = {"source": str(path), "format": "setr_lowmem", **(metadata or {})}
     if (path / "config.yaml").is_file():  # the file rebuilds its model without a --cfg
         metadata["config"] = (path / "config.yaml").read_text()
     try:
         save_file(sd, str(tmp), metadata=metadata)
+        usual_permissions(tmp)
         tmp.replace(out)
     except Exception as err:  # noqa: BLE001 - a full disk or a foreign writer error: nothing half-written stays
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from None
     return out
+
+
+def usual_permissions(path: Path) -> None:
+    """Give a file the permissions the user's other files get (safetensors writes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def writable_target(out: Path, overwrite: bool = False) -> Path:

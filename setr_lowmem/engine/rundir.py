@@ -61,7 +61,9 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Unlock and remove the lock file (removed while still held, so no other run can be between)."""
         if self.file is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None

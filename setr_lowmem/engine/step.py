@@ -141,10 +141,12 @@ def build_for_training(cfg: Config, world: int = 1, device: torch.device | None 
 
 @dataclass
 class Outcome:
-    """What one step did: the mean loss over its micro-batches (a device tensor), or a skip."""
+    """What one step did: the mean loss over its micro-batches (a device tensor) and each head's part
+    of it (main head first, then the aux heads: weighted as in the total), or a skip."""
 
     loss: torch.Tensor
     skipped: bool
+    parts: torch.Tensor | None = None
 
 
 def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
@@ -173,41 +175,42 @@ class TrainingStep:
         return self.accelerator.device
 
     def micro_step(self, images: torch.Tensor, labels: torch.Tensor, skipping: bool = False
-                   ) -> torch.Tensor | None:
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Forward, loss and backward of one micro-batch under accelerate's accumulation. Returns the
-        detached loss, or None when it is not finite on some process (every process agrees, so their
-        collective ops stay matched). `skipping`: the step is already lost, the micro-batch only
-        keeps the data position (and DeepSpeed's micro-step count) in step."""
+        detached loss and its per-head parts, or None when it is not finite on some process (every
+        process agrees, so their collective ops stay matched). `skipping`: the step is already lost,
+        the micro-batch only keeps the data position (and DeepSpeed's micro-step count) in step."""
         images = images.to(self.device, self.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with self.accelerator.accumulate(self.module):
             if skipping and not self.deepspeed:
                 return None  # nothing computed
             with self.autocast():
-                loss, _ = self.module(images, labels)
+                loss, parts = self.module(images, labels)
             finite = torch.isfinite(loss.detach()).float().reshape(1)
             if self.accelerator.reduce(finite, reduction="sum").item() < self.accelerator.num_processes:
                 if self.deepspeed:  # DeepSpeed counts micro-steps: give it a zero gradient
                     self.accelerator.backward(_zero_loss(self.module))
                 return None
             self.accelerator.backward(loss)
-            return loss.detach()
+            return loss.detach(), parts.float()
 
     def forward_backward(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                          after_backward: Callable[[], None] | None = None) -> Outcome:
         """Every micro-batch of one iteration through `micro_step`; after a non-finite loss the rest
         only keep the data position. `after_backward` runs after each (the meters' sampling point)."""
-        total = torch.zeros((), device=self.device)
+        total, parts = torch.zeros((), device=self.device), None
         skipped = False
         for images, labels in micro_batches:
-            loss = self.micro_step(images, labels, skipping=skipped)
-            if loss is None:
+            done = self.micro_step(images, labels, skipping=skipped)
+            if done is None:
                 skipped = True
             else:
-                total += loss / self.accumulation
+                total += done[0] / self.accumulation
+                parts = done[1] / self.accumulation + (0 if parts is None else parts)
             if after_backward is not None:
                 after_backward()
-        return Outcome(total, skipped)
+        return Outcome(total, skipped, parts)
 
     def gradients_finite(self) -> bool:
         """Whether every gradient is finite on every process (a finite loss can still overflow in backward)."""

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from safetensors import safe_open
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from setr_lowmem.config import Config, config_to_dict, save_config
+from setr_lowmem.config import Config, config_to_dict, dump_config, save_config
 from setr_lowmem.data.base import check_some_labels
 from setr_lowmem.data.loader import build_train_loader, stream_state
 from setr_lowmem.data.sources import Source, open_source
@@ -83,11 +84,14 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint it started from: never pruned during the session
     started: float = field(default_factory=time.time)
     window: list[float] = field(default_factory=list)  # losses since the last log line
+    window_parts: list[list[float]] = field(default_factory=list)  # and their per-head parts
     last_loss: float = float("nan")
+    last_parts: list[float] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     val_error: str = ""  # the last validation's failure, if it failed
     data_wait: float = 0.0  # seconds the loop waited for batches since the last log line
     logged_at: float = field(default_factory=time.time)  # when the last log line was written
+    logged_iteration: int = 0  # the iteration of the last log line (or the start)
 
     @property
     def run_dir(self) -> Path:
@@ -102,7 +106,7 @@ def setup_logging(run_dir: Path, main: bool) -> None:
             h.close()
     if not main:
         return
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")  # runs last days
     run_dir.mkdir(parents=True, exist_ok=True)
     for h in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler()):
         h.setFormatter(fmt)
@@ -172,6 +176,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
             skipped = iterate(run)
             if not skipped:
                 run.window.append(run.last_loss)
+                run.window_parts.append(run.last_parts)
             run.progress(1, loss=run.last_loss, lr=min(_lrs(run).values()), mem=run.meter.short())
             log_if_due(run)
             # checkpoint first: a validation that fails must not take the training with it. A checkpoint
@@ -250,18 +255,20 @@ def _open(cfg: Config, accelerator: Accelerator, lock: RunLock | None, resume: s
         save_config(cfg, run_dir / "config.yaml")
         if changes:
             _record_changes(run_dir, start, changes)
-    accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(cfg)))
+    _init_trackers(accelerator, cfg)
     loader = build_train_loader(cfg, state.iteration, accelerator.process_index, world, source)
     meter = MemoryMeter(accelerator.device)
     meter.reset()
     stop_at = cfg.schedule.iters if stop_after is None else min(cfg.schedule.iters, state.iteration + stop_after)
     return Run(cfg, accelerator, step, state, source, val_source, lock, iter(loader), meter, stop_at,
                _progress(accelerator, cfg, state.iteration), start=state.iteration, resumed_from=start,
+               logged_iteration=state.iteration,
                summary={"start_iteration": state.iteration, "losses": [], "skipped": state.skipped})
 
 
 # what an earlier run leaves in its directory; a run that starts from iteration 0 never writes over them
-RESULTS = ("model.safetensors", "metrics.jsonl", "eval.json", "config.yaml")
+RESULTS = ("model.safetensors", "best_mIoU.safetensors", "best_aAcc.safetensors", "best_mAcc.safetensors",
+           "metrics.jsonl", "eval.json", "config.yaml")
 
 
 def _refuse_earlier_results(run_dir: Path, resume: str | None) -> None:
@@ -343,6 +350,7 @@ def iterate(run: Run) -> bool:
         return True
     state.bad_streak = 0
     run.last_loss = run.accelerator.reduce(outcome.loss, reduction="mean").item()
+    run.last_parts = run.accelerator.reduce(outcome.parts, reduction="mean").tolist()
     run.summary["losses"].append(run.last_loss)
     return False
 
@@ -358,39 +366,66 @@ def write_metrics(run: Run, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def head_names(n: int) -> list[str]:
+    """The per-head loss names, as mmsegmentation logs them: the main head, then each aux head."""
+    return ["decode.loss_ce"] + [f"aux_{i}.loss_ce" for i in range(n - 1)]
+
+
+def _duration(seconds: float) -> str:
+    """'2d 03:04:05' (days when there are any): an ETA a multi-day run can read."""
+    if seconds != seconds or seconds == float("inf"):
+        return "-"
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+
+
 def log_if_due(run: Run) -> None:
     """Every `train.log_every` iterations and at the last one: the mean loss over the window since the
-    last line, lr per group, speed and memory, to train.log, metrics.jsonl and the trackers."""
+    last line and each head's part of it, lr per group, speed, seconds per iteration and the time
+    left, memory, to train.log, metrics.jsonl and the trackers."""
     it = run.state.iteration
     if it % run.cfg.train.log_every and it != run.stop_at:
         return
     loss = sum(run.window) / len(run.window) if run.window else float("nan")
+    parts = [sum(col) / len(col) for col in zip(*run.window_parts)] if run.window_parts else []
+    losses = dict(zip(head_names(len(parts)), parts))
     run.window.clear()
+    run.window_parts.clear()
     lrs = _lrs(run)
-    ips = (it - run.start) * run.cfg.train.total_batch / max(time.time() - run.started, 1e-9)
-    peaks = run.meter.measured()  # without a GPU: host memory only, never a GPU figure of 0
     now = time.time()
+    ips = (it - run.start) * run.cfg.train.total_batch / max(now - run.started, 1e-9)
+    per_it = (now - run.logged_at) / max(it - run.logged_iteration, 1)  # validations and saves included
+    eta = per_it * (run.cfg.schedule.iters - it)
+    peaks = run.meter.measured()  # without a GPU: host memory only, never a GPU figure of 0
     waited = run.data_wait / max(now - run.logged_at, 1e-9)  # the share of the window spent waiting for data
-    run.data_wait, run.logged_at = 0.0, now
-    log.info("iter %d/%d loss %.4f lr %s %.1f img/s skipped %d mem %s data wait %.0f%%", it, run.cfg.schedule.iters,
-             loss, " ".join(f"{k}={v:.3g}" for k, v in lrs.items()), ips, run.state.skipped, run.meter.short(),
-             100 * waited)
-    write_metrics(run, {"iteration": it, "loss": loss, "lr": lrs, "img_s": ips, "skipped": run.state.skipped,
+    run.data_wait, run.logged_at, run.logged_iteration = 0.0, now, it
+    log.info("iter %d/%d loss %.4f (%s) lr %s %.1f img/s %.3g s/it eta %s skipped %d mem %s data wait %.0f%%", it,
+             run.cfg.schedule.iters, loss, " ".join(f"{k.removesuffix('.loss_ce')} {v:.4f}" for k, v in losses.items()),
+             " ".join(f"{k}={v:.3g}" for k, v in lrs.items()), ips, per_it, _duration(eta), run.state.skipped,
+             run.meter.short(), 100 * waited)
+    write_metrics(run, {"iteration": it, "loss": loss, "losses": losses, "lr": lrs, "img_s": ips,
+                        "s_per_it": round(per_it, 4), "eta_s": round(eta), "skipped": run.state.skipped,
                         "mem": peaks, "data_wait": round(waited, 4), "time": round(now, 3)})
-    run.accelerator.log({"loss": loss, "img_per_s": ips, "skipped": run.state.skipped,
-                         **{f"lr/{k}": v for k, v in lrs.items()}, **{f"mem/{k}": v for k, v in peaks.items()}},
-                        step=it)
+    run.accelerator.log({"loss": loss, **{f"loss/{k}": v for k, v in losses.items()}, "img_per_s": ips,
+                         "skipped": run.state.skipped, **{f"lr/{k}": v for k, v in lrs.items()},
+                         **{f"mem/{k}": v for k, v in peaks.items()}}, step=it)
+
+
+def validation_due(run: Run) -> bool:
+    it, every = run.state.iteration, run.cfg.train.val_every
+    return bool((every and it % every == 0) or it == run.cfg.schedule.iters)
 
 
 def validate_if_due(run: Run) -> None:
-    """Validate when due. A validation that fails (a corrupt image, a full disk) is reported, and the
-    training goes on: its checkpoint is already written."""
-    it, every = run.state.iteration, run.cfg.train.val_every
-    if not ((every and it % every == 0) or it == run.cfg.schedule.iters):
+    """Validate when due, and keep the best model so far. A validation that fails (a corrupt image, a
+    full disk) is reported, and the training goes on: its checkpoint is already written."""
+    it = run.state.iteration
+    if not validation_due(run):
         return
     try:
         run.summary["val"] = _validate(run)
         run.val_error = ""
+        _keep_best(run, run.summary["val"])
     except Interrupted:
         raise
     except (SetrError, OSError) as err:
@@ -401,8 +436,41 @@ def validate_if_due(run: Run) -> None:
 
 
 def checkpoint_due(run: Run, signal_name: str | None) -> bool:
+    """At `train.ckpt_every`, the end, a stop, a signal, and every validation (the best model is exported
+    from the checkpoint of its iteration)."""
     it, every = run.state.iteration, run.cfg.train.ckpt_every
-    return bool((every and it % every == 0) or it == run.cfg.schedule.iters or it == run.stop_at or signal_name)
+    return bool((every and it % every == 0) or it == run.cfg.schedule.iters or it == run.stop_at or signal_name
+                or validation_due(run))
+
+
+def best_path(run_dir: Path, metric: str) -> Path:
+    return Path(run_dir) / f"best_{metric}.safetensors"
+
+
+def best_so_far(run_dir: Path, metric: str) -> tuple[float, int] | None:
+    """(score, iteration) of the run's best model file, read from its metadata; None without one."""
+    path = best_path(run_dir, metric)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return float(meta.get(metric, "nan")), int(meta.get("iteration", -1))
+
+
+def _keep_best(run: Run, metrics: dict) -> None:
+    """Export the checkpoint of this iteration as best_<metric>.safetensors when its validation beats
+    the best so far (read from that file, so a resumed run compares with what it already has)."""
+    metric = run.cfg.train.save_best
+    final = ckpt.checkpoint_dir(run.run_dir) / f"iter_{run.state.iteration:07d}"
+    if metric == "none" or not run.accelerator.is_main_process or not final.is_dir():
+        return
+    best = best_so_far(run.run_dir, metric)
+    if best is not None and not metrics[metric] > best[0]:
+        return
+    extra = {metric: repr(metrics[metric]), "iteration": str(run.state.iteration)}
+    ckpt.export_fp32(final, best_path(run.run_dir, metric), overwrite=True, metadata=extra)
+    log.info("new best %s %.2f at iteration %d: %s", metric, metrics[metric], run.state.iteration,
+             best_path(run.run_dir, metric).name)
 
 
 def save(run: Run) -> None:
@@ -447,7 +515,35 @@ def close_run(run: Run, stopped_by: str | None) -> dict:
     run.summary.update(iteration=run.state.iteration, skipped=run.state.skipped, peaks=peaks.as_dict(),
                        stopped_by=stopped_by, run_dir=str(run.run_dir), val_error=run.val_error,
                        main_process=run.accelerator.is_main_process)
+    metric = run.cfg.train.save_best
+    best = best_so_far(run.run_dir, metric) if metric != "none" else None
+    if best is not None:
+        run.summary["best"] = {"metric": metric, "score": best[0], "iteration": best[1],
+                               "path": str(best_path(run.run_dir, metric))}
+    line = final_line(run.summary)
+    if line and run.accelerator.is_main_process:
+        _to_log_file(line)
     return run.summary
+
+
+def final_line(summary: dict) -> str:
+    """'final: iteration 600, mIoU 57.32, ...; best mIoU 57.32 at iteration 600 (...); model in ...': the
+    run's last word, printed and written to train.log ('' when it did not validate at its end)."""
+    val = summary.get("val")
+    if val is None:
+        return ""
+    best = summary.get("best")
+    kept = f"; best {best['metric']} {best['score']:.2f} at iteration {best['iteration']} ({best['path']})" if best else ""
+    return (f"final: iteration {summary['iteration']}, mIoU {val['mIoU']:.2f}, aAcc {val['aAcc']:.2f}, "
+            f"mAcc {val['mAcc']:.2f} on {val['images']} validation images{kept}; model in {summary['run_dir']}")
+
+
+def _to_log_file(line: str) -> None:
+    """`line` into train.log only (the console gets it from the command, on stdout)."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, (), None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 def _validate(run: Run) -> dict:
@@ -480,6 +576,19 @@ def _progress(accelerator, cfg: Config, start: int):
 
     update.close = bar.close
     return update
+
+
+def _init_trackers(accelerator: Accelerator, cfg: Config) -> None:
+    """Start the trackers of `train.log_with` under the run directory's name, each holding the run's
+    config. TensorBoard gets it as text: its hyperparameter record (accelerate's default) writes two
+    timestamped folders that TensorBoard lists as extra runs beside the real one."""
+    accelerator.init_trackers(cfg.run_dir.name)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_text("config", "```yaml\n" + dump_config(cfg) + "```")
+            tracker.writer.flush()
+        else:
+            tracker.store_init_configuration(_flat(config_to_dict(cfg)))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

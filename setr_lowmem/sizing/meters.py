@@ -76,10 +76,11 @@ class MemoryMeter:
         return p if self.cuda else {"host_rss": p["host_rss"]}
 
     def short(self) -> str:
+        """The peak so far, for a progress bar: reserved on a GPU, the host's resident set without one."""
         p = self.peaks()
         if self.cuda:
-            return f"{p.reserved:.1f}G"
-        return f"rss {p.host_rss:.1f}G"
+            return f"peak {p.reserved:.1f}G reserved"
+        return f"host peak {p.host_rss:.1f}G"
 
 
 def fit_line(p: Peaks, card_gib: float = 24.0, cuda: bool = True) -> str:
