@@ -57,3 +57,16 @@ def tiny_config(decoder: str = "pup", **sections) -> Config:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def fan_in_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights of fan-in scale and zero biases (norms left at one): activations of order one at every
+    layer, so that outputs differ from pixel to pixel and a wrong bias or a dropped token shows
+    (timm's N(0, 0.02) initialisation gives nearly constant outputs that hide both)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(std=p[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                p.zero_()
+    return model

@@ -3,6 +3,7 @@ exported model that rebuilds itself, `save_pretrained`/`from_pretrained`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from setr_lowmem.config import ConfigError, config_to_dict, with_overrides
 from setr_lowmem.engine import checkpoint as ckpt
 from setr_lowmem.engine.hub import PretrainedSETR
 from setr_lowmem.engine.inference import load_trained, model_config
-from tests.conftest import tiny_config
+from tests.conftest import fan_in_weights, tiny_config
 from tests.helpers import ROOT, run
 
 
@@ -90,6 +91,58 @@ def test_save_pretrained_and_from_pretrained_give_the_same_logits(tmp_path):
         assert not torch.allclose(other(images), model(images))
 
 
+@pytest.mark.parametrize("decoder,quarter", [("pup", False), ("naive", True), ("mla", True)])
+def test_forward_crops_the_padding_and_predict_runs_the_test_protocol(decoder, quarter):
+    """An image whose sides are not multiples of 16: the logits cover the image, not the encoder's padding
+    (PUP at the image's size, Naive and MLA at a quarter, rounded up); `predict` normalises a raw image
+    with the model's own mean and std and gives the evaluation's class map."""
+    import numpy as np
+
+    from setr_lowmem.engine.evaluate import predict_classes
+
+    cfg = tiny_config(decoder)
+    torch.manual_seed(0)
+    model = PretrainedSETR(config_to_dict(cfg)).eval()
+    fan_in_weights(model)  # a class map that varies
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 50, 70))
+        padded = model.setr.predict(torch.randn(1, 3, 50, 70))
+    assert tuple(logits.shape[-2:]) == ((13, 18) if quarter else (50, 70))
+    assert tuple(padded.shape[-2:]) == ((16, 20) if quarter else (64, 80))  # 64 x 80: the encoder's padding
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    classes = model.predict(image)
+    assert classes.shape == (50, 70) and classes.dtype == np.uint8 and len(np.unique(classes)) > 1
+    assert np.array_equal(classes, predict_classes(model.setr, image, cfg, torch.device("cpu")).numpy())
+    from PIL import Image
+
+    assert np.array_equal(model.predict(Image.fromarray(image)), classes)
+    with pytest.raises(ValueError, match="uint8 H x W x 3"):
+        model.predict(image.astype(np.float32) / 255)  # a normalised array is refused, not mis-scaled
+
+
+def test_a_hub_directory_has_a_model_card_that_says_what_it_is(tmp_path):
+    run([sys.executable, "launch/train.py", "--cfg", "test_tiny", f"train.out_dir={tmp_path / 'run'}",
+         "schedule.iters=6", "train.val_every=2", "--stop-after", "4"])
+    checkpoint = ckpt.list_checkpoints(tmp_path / "run")[-1]
+    run([sys.executable, "launch/export.py", str(checkpoint), str(tmp_path / "setr-tiny"), "--hub"])
+    hub = tmp_path / "setr-tiny"
+    card = (hub / "README.md").read_text()
+    val = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if '"val"' in x][-1]
+    for said in ("# SETR-PUP on synthetic", "64 x 64 crops", "background, disc, square", "4 of 6 iterations",
+                 f"mIoU **{val['val']['mIoU']:.2f}**", "at iteration 4", 'from_pretrained("setr-tiny")',
+                 "model.predict(image)", "decoder: pup", "total_batch: 4"):
+        assert said in card, said
+    assert "More Information Needed" not in card
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~mask for f in hub.iterdir())  # model.safetensors was 0600
+    # the directory is also a --checkpoint for evaluate and predict
+    out = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(hub), "--max-images", "2"]).stdout
+    assert "mIoU" in out
+    with pytest.raises(ckpt.CheckpointError, match="model folder not found: .*nowhere"):
+        PretrainedSETR.from_pretrained(str(tmp_path / "nowhere"))
+
+
 @pytest.mark.parametrize("log_with", ["tensorboard", "none"])
 def test_trackers_log_into_the_run_directory_and_no_gpu_figure_on_a_cpu(tmp_path, log_with):
     from setr_lowmem.engine import train as train_mod
@@ -129,7 +182,9 @@ def test_official_class_names_and_palettes():
     for name, n in (("ade20k", 150), ("cityscapes", 19), ("pascal_context", 60), ("pascal_context59", 59)):
         assert class_palette(name, n).shape == (n, 3)
     assert class_palette("ade20k", 150)[-1].tolist() == [92, 0, 255]  # flag
-    assert class_names("synthetic", 3) == ["class 0", "class 1", "class 2"]
+    assert class_names("synthetic", 3) == ["background", "disc", "square"]
+    spread = class_names("synthetic", 150)  # a paper head on the built-in scenes: the kinds at their labels
+    assert spread[0] == "background" and spread[19] == "disc" and spread[149] == "diamond" and spread[1] == "class 1"
     assert class_names("ade20k", 7)[6] == "class 6"  # a head of another size is not given ADE20K's names
 
 
@@ -148,11 +203,18 @@ def test_label_maps_are_palette_pngs_and_overlays_have_a_legend(tmp_path):
     back = Image.open(tmp_path / "label.png")
     assert back.mode == "P" and np.array_equal(np.asarray(back), pred)
     assert np.array_equal(np.asarray(back.convert("RGB"))[0, 40], palette[13])
-    shown = np.asarray(overlay(np.full((40, 60, 3), 200, np.uint8), pred, palette, names))
+    image = np.full((40, 60, 3), 200, np.uint8)
+    image[:, 45:] = 20  # half of the car's region is dark: its swatch shows the blend over the mean
+    shown = np.asarray(overlay(image, pred, palette, names))
     strip = shown[:, 60:].reshape(-1, 3)
     colours = {tuple(c) for c in strip.tolist()}
-    assert shown.shape[1] > 60 and all(tuple(palette[k].tolist()) in colours for k in (0, 13, 18))
-    assert tuple(palette[11].tolist()) not in colours  # person: not in the prediction, not in the legend
+    # each swatch looks like the regions it labels: the region's colour where the image is uniform under it
+    assert shown.shape[1] > 60 and tuple(shown[20, 10]) in colours and tuple(shown[0, 0]) in colours
+    car = tuple(int(round(v)) for v in (np.array([110.0] * 3) * 0.5 + palette[13] * 0.5))  # mean of 200 and 20
+    assert car in colours
+    assert not any(tuple(palette[k].tolist()) in colours for k in (0, 13, 18))  # never the unblended colour
+    person = tuple(int(round(v)) for v in (np.array([200.0] * 3) * 0.5 + palette[11] * 0.5))
+    assert person not in colours  # person: not in the prediction, not in the legend
 
 
 def test_the_planner_does_not_let_noise_choose_between_equally_fast_plans():

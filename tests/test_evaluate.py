@@ -12,7 +12,7 @@ from torch import nn
 from setr_lowmem.engine.evaluate import (confusion_matrix, evaluate, metrics_from_confusion, predict_probs,
                                          slide_logits, whole_logits)
 from setr_lowmem.model import build_setr
-from tests.conftest import tiny_config
+from tests.conftest import fan_in_weights, tiny_config
 
 
 def test_miou_on_a_hand_computed_case():
@@ -116,13 +116,7 @@ def test_the_class_map_in_bands_equals_the_argmax_of_whole_probabilities(flip, s
 
     torch.manual_seed(0)
     cfg = tiny_config("pup", eval=dict(mode="slide", crop=64, stride=48, scales=scales, flip=flip))
-    model = build_setr(cfg).eval()
-    with torch.no_grad():  # fan-in scaled weights: a prediction that varies from pixel to pixel
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(std=p[0].numel() ** -0.5)
-            elif name.endswith("bias"):
-                p.zero_()
+    model = fan_in_weights(build_setr(cfg).eval())  # a prediction that varies from pixel to pixel
     image = np.random.default_rng(0).integers(0, 255, (150, 97, 3), dtype=np.uint8)  # not multiples of 16
     with torch.no_grad():
         probs = predict_probs(model, image, cfg, torch.device("cpu"))

@@ -1,10 +1,14 @@
 """Class names and the official colours of the paper's datasets, in label order (as mmsegmentation's
 dataset definitions list them; Pascal Context's 60 start with background, its 59 leave it out).
-Other datasets (the built-in scenes, a Hub dataset) get `class <k>` and fixed distinct colours."""
+The built-in scenes name their kinds (background, disc, square, ...); other datasets (a Hub dataset)
+get `class <k>`; both get fixed distinct colours."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from setr_lowmem.data.synthetic import CLASSES as SYNTHETIC_CLASSES
+from setr_lowmem.data.synthetic import label_of
 
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -108,7 +112,13 @@ OFFICIAL = {
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:
-    """The dataset's class names when it has official ones for this many classes, else `class <k>`."""
+    """The dataset's class names when it has official ones for this many classes (the built-in scenes:
+    their kinds, at the labels they take for this head), else `class <k>`."""
+    if dataset == "synthetic":
+        names = [f"class {k}" for k in range(num_classes)]
+        for kind, (name, *_) in enumerate(SYNTHETIC_CLASSES[:num_classes]):
+            names[label_of(kind, num_classes)] = name
+        return names
     names = OFFICIAL.get(dataset, ((), ()))[0]
     return list(names) if len(names) == num_classes else [f"class {k}" for k in range(num_classes)]
 

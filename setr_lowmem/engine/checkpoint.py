@@ -30,7 +30,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from setr_lowmem.config import (Config, config_from_text, config_to_dict, diff_configs, may_change_on_resume,
+from setr_lowmem.config import (Config, config_from_dict, config_from_text, config_to_dict, diff_configs, may_change_on_resume,
                                 save_config)
 from setr_lowmem.errors import SetrError
 from setr_lowmem.memory.checkpointing import WRAPPER
@@ -353,10 +353,22 @@ def writable_target(out: Path, overwrite: bool = False) -> Path:
     return out
 
 
+def is_hub_dir(path: Path) -> bool:
+    """Whether `path` is a Hugging Face Hub directory written by `PretrainedSETR.save_pretrained`
+    (model.safetensors and config.json, no manifest: not a checkpoint)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and not (path / MANIFEST).exists()
+
+
 def stored_config(path: str | Path) -> Config | None:
     """The config a trained model was made with: an intact checkpoint directory's `config.yaml`, or the
     `config` metadata of an exported file. None where there is none (an imported or older file)."""
     path = Path(path)
+    if is_hub_dir(path):
+        try:
+            return config_from_dict(json.loads((path / "config.json").read_text()), f"{path}/config.json")
+        except ValueError as err:
+            raise CheckpointError(f"cannot read {path}/config.json: {err}") from None
     if path.is_dir():
         intact(path)  # a damaged checkpoint is refused before any of its files is read
         text = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
@@ -372,7 +384,9 @@ def stored_config(path: str | Path) -> Config | None:
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load an exported .safetensors file or a checkpoint directory into `model` (strict, shapes checked)."""
     path = Path(path)
-    if path.is_dir():
+    if is_hub_dir(path):
+        sd = strip_prefixes(load_file(str(path / "model.safetensors")), prefix="setr.")
+    elif path.is_dir():
         sd = consolidated_state_dict(path)
     elif path.is_file():
         try:

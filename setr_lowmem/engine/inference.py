@@ -67,7 +67,10 @@ def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: lis
     draw = ImageDraw.Draw(out)
     for i, k in enumerate(present):
         x, y = canvas.width + 6, 4 + i * row
-        draw.rectangle((x, y + 1, x + 16, y + row - 3), fill=tuple(int(c) for c in palette[k]), outline=(0, 0, 0))
+        # the swatch is blended as its regions are: the colour over the mean of the image it covers
+        under = image[pred == k].reshape(-1, image.shape[-1]).astype(np.float32).mean(0)
+        swatch = (under * (1 - alpha) + palette[k].astype(np.float32) * alpha).round().astype(int)
+        draw.rectangle((x, y + 1, x + 16, y + row - 3), fill=tuple(int(c) for c in swatch), outline=(0, 0, 0))
         draw.text((x + 22, y + 1), names[k], fill=(0, 0, 0), font=font)
     return out
 

@@ -50,12 +50,26 @@ class SETR(nn.Module):
         return self.neck(inputs) if self.neck is not None else inputs
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every head's logits, cropped to the part that covers the image (`crop_to_input`)."""
         inputs = self.encode(images)
-        return [head(inputs) for head in self.heads]
+        return [self.crop_to_input(head(inputs), images.shape[-2:]) for head in self.heads]
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Main-head logits only (what inference needs)."""
+        """Main-head logits only, uncropped: for an image whose sides are not multiples of the patch size
+        they cover the encoder's zero padding too, and mmsegmentation's inference (`engine.evaluate`)
+        resizes them to the image whole, padding included; `forward` crops instead."""
         return self.decode_head(self.encode(images))
+
+    def crop_to_input(self, logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """`logits` of an image of `size` without the rows and columns that lie over the encoder's zero
+        padding (it pads the bottom and right to a multiple of the patch size): PUP's main head
+        then gives the image's own size, Naive's and MLA's a quarter of it, rounded up."""
+        patch = self.encoder.patch_embed.patch_size[0]
+        out = []
+        for side, have in zip(size, logits.shape[-2:]):
+            padded = -(-side // patch) * patch
+            out.append(-(-side * have // padded))
+        return logits[..., : out[0], : out[1]]
 
 
 def build_setr(cfg: Config) -> SETR:
