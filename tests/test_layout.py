@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 from setr_lowmem.config import (Config, benchmark_rows, config_fields, load_config, may_change_on_resume,
                                 perf_levers, with_overrides)
@@ -98,10 +99,34 @@ def test_no_function_is_over_80_lines(module):
     assert not long, long
 
 
+def gpu_only_rows(rows: list[tuple[str, list[str], bool]]) -> list[str]:
+    """The benchmark rows that a field's fact marks as needing a GPU (a lever with gpu_only), in order."""
+    marked = {lv.row for _, f in config_fields() for lv in f.metadata.get("levers", ()) if lv.gpu_only}
+    return [name for name, _, _ in rows if name in marked]
+
+
+def test_the_gpu_only_rows_are_the_ones_a_cpu_cannot_run(monkeypatch):
+    """Each GPU-only row's step refuses a CPU outside Triton's interpreter, and the rows before it run
+    there: the mark says what the code does."""
+    from setr_lowmem.engine.step import build_for_training
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rows = benchmark_rows()
+    assert gpu_only_rows(rows)
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 9, (2, 64, 64))
+    applied: list[str] = []
+    for name, overrides, _ in rows:
+        if name in gpu_only_rows(rows):
+            build_for_training(load_config("test_tiny", applied))[0](images, labels)[0].backward()
+            with pytest.raises(RuntimeError, match="not on a CUDA device"):
+                build_for_training(load_config("test_tiny", applied + overrides))[0](images, labels)
+        applied += overrides
+
+
 def test_technique_lists_come_from_the_config_fields():
     keys = {k for k, _ in config_fields()}
     rows = benchmark_rows()
-    assert rows[0][0] == "naive" and [r for r, _, gpu in rows if gpu] == ["Triton fused loss"]
+    assert rows[0][0] == "naive" and [r for r, _, gpu in rows if gpu] == gpu_only_rows(rows)
     for _, overrides, _ in rows:
         assert all(o.split("=")[0] in keys for o in overrides)
     # every row, added to the ones before it, is a valid configuration

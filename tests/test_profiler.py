@@ -173,10 +173,41 @@ def test_targets_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert "| ADE20K 512, micro-batch 16, no accumulation | <= 12 GiB (device <= 13), >= 80 img/s |" in md
 
 
-def test_memory_timeline_png(tmp_path):
-    step = build_step(cfg(), torch.device("cpu"))
+def test_memory_timeline_png(tmp_path, monkeypatch):
+    """What the timeline draws: one band per category of PyTorch's profiler, in MiB for a tiny
+    model, the parameters flat at their size all along, every gradient alive at once during the
+    backward, SGD's momentum made by the step, activations freed by its end."""
+    import matplotlib.axes
+    import matplotlib.figure
+    import matplotlib.image
+    import numpy as np
+
+    drawn = {}
+    stackplot, savefig = matplotlib.axes.Axes.stackplot, matplotlib.figure.Figure.savefig
+
+    def spy(self, x, *ys, labels=(), **kwargs):
+        drawn.update(x=np.asarray(x), bands=dict(zip(labels, map(np.asarray, ys), strict=True)))
+        return stackplot(self, x, *ys, labels=labels, **kwargs)
+
+    def saving(self, *args, **kwargs):
+        drawn.update(ylabel=self.axes[0].get_ylabel(), legend=[t.get_text() for t in self.axes[0].get_legend().texts])
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "stackplot", spy)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saving)
+    step = build_step(cfg(), torch.device("cpu"))  # its first step: the optimizer's states do not exist yet
     path = memory_timeline_png(step, str(tmp_path / "t.png"), torch.device("cpu"))
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    params = sum(p.numel() * p.element_size() for p in step.module.parameters()) / 2**20  # MiB
+    bands = drawn["bands"]
+    assert list(bands) == ["parameter", "optimizer_state", "input", "temporary", "activation", "gradient",
+                           "autograd_detail", "unknown"]
+    assert np.allclose(bands["parameter"], params, rtol=1e-3), (bands["parameter"].min(), params)
+    assert bands["gradient"].max() == pytest.approx(params, rel=1e-3)
+    assert bands["optimizer_state"][0] == 0 and bands["optimizer_state"][-1] == pytest.approx(params, rel=1e-3)
+    assert bands["activation"].max() > params and bands["activation"][-1] == 0
+    assert drawn["x"][0] == 0 and drawn["x"][-1] > 0 and np.all(np.diff(drawn["x"]) >= 0)
+    assert drawn["ylabel"].startswith("MiB") and drawn["legend"] == list(bands)
+    assert matplotlib.image.imread(path).shape[:2] == (500, 1000)  # the PNG of that figure
 
 
 def test_fit_line_says_whether_a_card_holds_it():

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
-from setr_lowmem.compat import mem_tracker, reset_accelerate_state
+from setr_lowmem.compat import TorchDispatchMode, mem_tracker, reset_accelerate_state, tree_leaves
 from setr_lowmem.memory.checkpointing import WRAPPER
 from setr_lowmem.model.loss import SegmentationLoss
 from setr_lowmem.engine.schedule import build_scheduler, poly_lr
@@ -99,12 +99,39 @@ def test_every_k_blocks_wraps_one_in_k():
     assert kinds == ["Block", "CheckpointWrapper", "Block", "CheckpointWrapper"]
 
 
+class AttentionOps(TorchDispatchMode):
+    """The operators that output an attention matrix of `shape` (batch, heads, tokens, tokens), and
+    the fused attention kernels run."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape, self.matrices, self.fused = shape, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape for t in tree_leaves(out)):
+            self.matrices.append(str(func))
+        self.fused += "scaled_dot_product" in str(func)
+        return out
+
+
 def test_eager_and_sdpa_attention_agree():
+    """The same loss, by different kernels: eager builds each block's attention matrix and its
+    softmax, SDPA's fused kernel never materialises it."""
     images, labels = batch()
     a, b = train_module("none"), train_module("none")
     apply_attention_kernel(a.model, "eager")
     assert apply_attention_kernel(b.model, "sdpa") == 4
-    torch.testing.assert_close(a(images, labels)[0], b(images, labels)[0])
+    attn = a.model.encoder.blocks[0].attn
+    tokens = (images.shape[-1] // 16) ** 2 + 1  # the patches and the class token
+    eager, sdpa = AttentionOps((2, attn.num_heads, tokens, tokens)), AttentionOps((2, attn.num_heads, tokens, tokens))
+    with eager:
+        loss_a = a(images, labels)[0]
+    with sdpa:
+        loss_b = b(images, labels)[0]
+    torch.testing.assert_close(loss_a, loss_b)
+    assert eager.matrices.count("aten._softmax.default") == 4 and eager.fused == 0, eager.matrices
+    assert sdpa.matrices == [] and sdpa.fused == 4
 
 
 @pytest.fixture
