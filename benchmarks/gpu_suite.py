@@ -7,11 +7,13 @@
 Stages, in order of value (each writes its own files under --out as soon as it ends and prints
 its time, so a run cut short still returns what it measured):
 
-  env       versions, GPU name and memory                                    env_<gpu>_<date>.json
+  env       versions, GPU name and memory; stops the suite at once when deepspeed,
+            bitsandbytes, datasets or pydantic (.site) or a private PyTorch API
+            (`setr_lowmem.compat`) is missing                                 env_<gpu>_<date>.json
   gputests  pytest -m gpu (Triton at the paper's shapes, matmul upsample
             backward, 8-bit SGD, ZeRO-2 offload, compiled convs) and the
             Triton tests of test_decoder.py compiled for this GPU             gputests_<gpu>_<date>.txt
-  paper     the nine paper configs through the real launcher, --cap-gib 24,
+  paper     the nine paper configs (--configs) through the real launcher, --cap-gib 24,
             the built-in data at each config's crop and classes, the config's
             micro-batch, --iters iterations                                 paper_<gpu>_<date>.{md,json}
   resume    pup_ade20k with ZeRO-2 offload: stopped half-way and resumed
@@ -26,7 +28,7 @@ its time, so a run cut short still returns what it measured):
 
 `--minutes` is the whole budget: a stage (or paper config) that would start after it is written
 as skipped. Without a GPU (`--tiny`, implied) everything runs on a tiny model on the CPU: that
-times the suite, it measures nothing of the GPU's.
+times the suite, it measures nothing of the GPU's. Exits 1 when a stage failed.
 """
 
 from __future__ import annotations
@@ -106,17 +108,27 @@ def stage_env(s: Suite) -> None:
     import torch
 
     info = {"python": platform.python_version(), "gpu": s.tag, "date": s.date}
-    for pkg in ("torch", "triton", "timm", "accelerate", "deepspeed", "bitsandbytes", "transformers", "datasets"):
+    for pkg in ("torch", "triton", "timm", "accelerate", "deepspeed", "bitsandbytes", "transformers", "datasets",
+                "pydantic", "numpy"):
         try:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             info[pkg] = None
+    from setr_lowmem import compat
+
+    # what would otherwise stop a later stage minutes in: a package the image lacks (.site not on the
+    # path), a private PyTorch API this torch does not have
+    info["missing"] = [pkg for pkg in ("deepspeed", "bitsandbytes", "datasets", "pydantic") if info[pkg] is None]
+    info["private_apis_missing"] = [a.path for a in compat.APIS.values() if a.required and not a.present()]
     if s.cuda:
         props = torch.cuda.get_device_properties(0)
         info |= {"cuda": torch.version.cuda, "gpu_memory_gib": round(props.total_memory / 2**30, 2),
                  "capability": f"{props.major}.{props.minor}"}
     s.path("env", "json").write_text(json.dumps(info, indent=1))
-    s.say("env: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    s.say("env: " + ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, list)))
+    if info["missing"] or info["private_apis_missing"]:
+        raise RuntimeError(f"missing packages {info['missing']} (carry .site, PYTHONPATH=$PWD/.site:$PWD), "
+                           f"private APIs {info['private_apis_missing']} (python -m setr_lowmem.compat)")
 
 
 def stage_gputests(s: Suite) -> None:
@@ -164,10 +176,10 @@ def run_summary(name: str, run_dir: Path, proc: subprocess.CompletedProcess, bat
 
 
 def stage_paper(s: Suite) -> None:
-    from setr_lowmem.config import PAPER_CONFIGS, load_config, with_overrides
+    from setr_lowmem.config import load_config, with_overrides
 
     rows = []
-    for name in PAPER_CONFIGS:
+    for name in s.args.configs:
         if s.left() < 30:
             rows.append({"config": name, "exit": None, "error": "skipped: out of time (run --stages paper again)"})
             continue
@@ -363,15 +375,20 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=9.0)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--iters", type=int, default=30, help="iterations per paper config")
+    parser.add_argument("--configs", nargs="+", default=None, help="the paper stage's configs (default: all nine)")
     parser.add_argument("--resume-iters", type=int, default=12, help="the resume stage's run, stopped half-way")
     parser.add_argument("--batches", type=int, nargs="+", default=[16], help="the memory stage's micro-batches")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU even with a GPU")
     args = parser.parse_args()
     from setr_lowmem.cli import prepare_environment
+    from setr_lowmem.config import PAPER_CONFIGS
+
+    args.configs = args.configs or list(PAPER_CONFIGS)
 
     prepare_environment()
     suite = Suite(args)
     suite.say(f"gpu suite on {suite.tag}: stages {' '.join(args.stages)}, {args.minutes:g} min, files in {suite.out}")
+    failed = []
     for name in args.stages:
         if suite.left() < 20:
             suite.say(f"{name}: skipped, out of time (run --stages {name} again)")
@@ -382,7 +399,13 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - one stage failing must not cost the others
             suite.path(f"failed-{name}", "txt").write_text(f"{type(err).__name__}: {err}\n")
             suite.say(f"{name}: FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            failed.append(name)
         suite.say(f"{name}: {time.time() - t:.0f} s")
+        if failed == ["env"]:  # every later stage would fail on it, minutes in
+            suite.say("stopping: fix the environment first")
+            break
+    if failed:
+        sys.exit(f"gpu suite: stages failed: {' '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the fp32 baseline and the spread of three baseline seeds.
     python benchmarks/parity.py                      # tiny_synthetic.yaml, every row, CPU or GPU
     python benchmarks/parity.py --iters 300 --rows "fp32 baseline" bf16 "8-bit SGD"
     python benchmarks/parity.py --full               # GPU: pup_ade20k at full size, a short run
+    python benchmarks/parity.py --tiny --out /tmp/p  # that the script runs: test_tiny, 4 iterations, 2 rows
 
 Each row is a real training run through `launch/train.py` (two processes through `accelerate
 launch --multi_gpu`), with the technique's overrides on top of the plain baseline (fp32, no
@@ -148,9 +149,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", default="tiny_synthetic")
-    parser.add_argument("--iters", type=int, default=600)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--iters", type=int, default=None, help="600 (--tiny: 4)")
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
+                        help="default: every row (--tiny: the baseline and bf16 autocast)")
     parser.add_argument("--full", action="store_true", help="GPU: pup_ade20k at full size on the built-in data")
+    parser.add_argument("--tiny", action="store_true", help="a check that the script runs (the tests' run of it): "
+                        "test_tiny's 2-block model, a few iterations, logged each")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work", default="runs/parity", help="where the runs are written")
     parser.add_argument("overrides", nargs="*")
@@ -160,6 +164,10 @@ def main() -> None:
     import torch
 
     cfg, extra = args.cfg, list(args.overrides)
+    if args.tiny:
+        cfg, extra = "test_tiny", ["train.log_every=1", "data.num_workers=0", *extra]
+    args.iters = args.iters or (4 if args.tiny else 600)
+    args.rows = args.rows or (["fp32 baseline", "bf16 autocast"] if args.tiny else list(ROWS))
     if args.full:
         cfg = "pup_ade20k"
         extra = ["data.dataset=synthetic", "data.root=", "data.synthetic.size=512", "data.synthetic.num_train=256",
