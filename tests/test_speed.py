@@ -22,7 +22,7 @@ PLAIN = ["memory.classifier_first=false", "memory.fused_upsample_loss=false"]
 
 
 def test_the_counter_records_flops_and_bytes_and_skips_views():
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from setr_lowmem.compat import FakeTensorMode
 
     counter = speed.OpCounter()
     with FakeTensorMode():
