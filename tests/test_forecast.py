@@ -158,33 +158,6 @@ def test_the_triton_loss_operators_fake_kernels_hold_what_the_real_kernels_hold(
     assert fake == real and real[0]["Total"] > 2 * 48 * 40 * 4  # at least the log-sum-exp per output pixel
 
 
-def test_the_planner_predicts_every_plan_and_the_first_that_fits_each_card():
-    from setr_lowmem.sizing import forecast as fc
-    from setr_lowmem.sizing.planner import predict
-
-    cfg = load_config("pup_ade20k", benchmark_overrides([], False) + ["train.micro_batch=2", "train.total_batch=4"])
-    fc._STEPS.clear()
-    lines: list[str] = []
-    out = predict(cfg, [1.0], micro_batches=[2, 1], report=lines.append)
-    assert len(out) == 2 * 12 and len(fc._STEPS) == 2 * 4  # 8-bit and offload are accounted: one fake step per policy
-    by = {(p.micro_batch, p.checkpointing, p.bits, p.offload): f.allocated for p, f in out}
-    states = {(p.micro_batch, p.checkpointing, p.bits, p.offload): f.categories["optimizer"] for p, f in out}
-    for mb in (2, 1):
-        assert by[(mb, "full", 8, False)] < by[(mb, "full", 32, False)]  # 8-bit states are smaller
-        # offloaded states leave the GPU (DeepSpeed's 50M-value gradient bucket outweighs them on this tiny model)
-        assert states[(mb, "full", 32, True)] == 0 < states[(mb, "full", 8, False)]
-        assert by[(mb, "full", 32, False)] < by[(mb, "none", 32, False)]  # checkpointing keeps less
-        assert by[(1, "none", 32, False)] < by[(2, "none", 32, False)]
-    # a card between the frugal and the roomy plans: the first plan in the planner's order that fits it
-    low, high = min(f.device(True) for _, f in out), max(f.device() for _, f in out)
-    card = (low + high) / 2
-    lines.clear()
-    out = predict(cfg, [card], micro_batches=[2, 1], report=lines.append)
-    first = next(p for p, f in out if f.fits(card))
-    assert lines[-1].endswith("(the first that fits, in the planner's order from fastest to most frugal)")
-    assert first.describe(cfg) in lines[-1] and any(not f.fits(card) for _, f in out)
-
-
 @contextlib.contextmanager
 def _cuda_autocast_without_a_gpu():
     """CUDA's bf16 autocast switched on directly (`torch.autocast("cuda")` refuses without a GPU)."""

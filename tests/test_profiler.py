@@ -104,11 +104,12 @@ def apply_plan_args(base, mb, policy, bits):
     return apply_plan(base, Plan(mb, policy, bits, False))
 
 
-def test_planner_command_line_prints_every_plan_and_the_overrides():
-    proc = run([sys.executable, "launch/plan.py", "--cfg", "test_tiny", "--budget-gib", "0.02", "--steps", "2"])
-    assert "no GPU: measuring on the CPU" in proc.stdout
-    assert "chosen: micro-batch" in proc.stdout and "as overrides: train.micro_batch=" in proc.stdout
-    assert proc.stdout.count(" GiB") >= 2
+def test_planner_command_line_measures_every_plan_and_prints_the_line_to_paste():
+    proc = run([sys.executable, "launch/plan.py", "--cfg", "test_tiny", "--measure", "--budget-gib", "0.02",
+                "--steps", "2"])
+    assert "test_tiny: measured on this CPU, 2 steps per plan" in proc.stdout and "leaves 5% of the 0.02 GiB" in proc.stdout
+    assert "paste: python launch/train.py --cfg test_tiny train.micro_batch=" in proc.stdout
+    assert "--auto-fit 0.02" in proc.stdout and proc.stdout.count(" GiB") >= 2
 
 
 def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):

@@ -136,8 +136,9 @@ def test_the_card_table_is_dense_sourced_and_complete():
         assert card.bf16_tflops > card.tf32_tflops > 0 and card.fp32_tflops > 0 and card.bandwidth_gbs > 0
         assert card.bf16_tflops < 1000  # no sparse figure: none of these reaches 1 PFLOP/s dense
     assert CARDS["h100"].bf16_tflops == 989.4 and CARDS["rtx4090"].bf16_tflops == 165.2
-    assert find_card("RTX-4090") is CARDS["rtx4090"] and find_card("4090") is CARDS["rtx4090"]
+    assert find_card("RTX-4090") is CARDS["rtx4090"] and find_card("a100_80GB") is CARDS["a100-80gb"]
     assert find_card("h100") is CARDS["h100"] and find_card("nosuch") is None
+    assert find_card("4090") is None and find_card("0") is None and find_card("-8") is None  # numbers are sizes
     # MFU's peak comes from the table by the device's name; other variants are not taken for the one listed
     assert card_for_device("NVIDIA H100 80GB HBM3") is CARDS["h100"]
     assert card_for_device("NVIDIA A100-SXM4-40GB") is CARDS["a100-40gb"]

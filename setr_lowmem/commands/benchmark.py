@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py                     # ADE20K geometry on the GPU (tiny model on a CPU)
     python benchmarks/memory.py --cap-gib 24        # emulate a 24 GB card
-    python benchmarks/memory.py --batches 8 16 --steps 5 --rows naive bf16 full
+    python benchmarks/memory.py --batches 8 16 --steps 5 --rows naive bf16 head+loss
 
 (`setr-benchmark` when installed.)
 Rows, each adding one technique to the one before: naive (fp32, eager attention, no
@@ -25,6 +25,8 @@ import argparse
 import csv
 import datetime
 import json
+import math
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +56,21 @@ def row_overrides(upto: str, cuda: bool = True) -> list[str]:
         if name == upto:
             return out
     raise SystemExit(f"unknown row {upto!r}; rows: {', '.join(n for n, _, _ in ROWS)}")
+
+
+def refusal(args: argparse.Namespace) -> str:
+    """What is wrong with the arguments ('' when nothing is), found before any row runs."""
+    names = [n for n, _, _ in ROWS]
+    unknown = [r for r in args.rows if r not in names]
+    if unknown:
+        return f"--rows: unknown row {unknown[0]!r}; rows: {', '.join(names)}"
+    if any(b <= 0 for b in args.batches or []):
+        return f"--batches: every micro-batch must be above 0, got {' '.join(map(str, args.batches))}"
+    if args.steps < 2:
+        return f"--steps must be 2 or more (the first step warms up and is not timed), got {args.steps}"
+    if args.cap_gib is not None and not (math.isfinite(args.cap_gib) and args.cap_gib > 0):
+        return f"--cap-gib must be a memory size in GiB above 0, got {args.cap_gib:g}"
+    return ""
 
 
 def table(results: list[dict], cuda: bool) -> str:
@@ -141,6 +158,9 @@ def main() -> None:
                         help="also dump a CUDA memory snapshot of that step (open it at https://pytorch.org/memory_viz)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
+    if refusal(args):
+        print(f"error: {refusal(args)}", file=sys.stderr)
+        sys.exit(2)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"

@@ -47,13 +47,14 @@ def read_cards(path: Path = CARDS_CSV) -> dict[str, Card]:
 CARDS = read_cards()
 
 
+def _plain(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
 def find_card(text: str) -> Card | None:
-    """The card named `text` ('rtx4090', 'RTX-4090', '4090', 'h100'), or None."""
-    want = text.lower().replace("-", "").replace(" ", "").replace("_", "")
-    for key, card in CARDS.items():
-        if want == key.replace("-", "") or (want.isdigit() and want in key):
-            return card
-    return None
+    """The card whose key `text` is, ignoring case and punctuation ('rtx4090', 'RTX-4090',
+    'a100_80gb'), or None. A bare number is never a card: it is a size in GB (`positive_size`)."""
+    return next((card for key, card in CARDS.items() if _plain(text) == _plain(key)), None)
 
 
 # the words of a CUDA device name that identify each card (torch.cuda.get_device_name)

@@ -1,6 +1,6 @@
 """Will it fit, without the card: a configuration's peak memory predicted on any machine.
 
-    setr-forecast --cfg pup_ade20k.yaml [--cards 8 12 16 24] [key=value ...]
+    setr-plan --cfg pup_ade20k.yaml --predict --as-configured [key=value ...]   (`sizing.planner`)
 
 The model is built as training builds it, with every technique applied (`engine.step`), on the
 CPU; its weights then become fake tensors (PyTorch's FakeTensorMode: shapes, dtypes and
@@ -288,16 +288,3 @@ def zero2_buffers(sizes: list[int], offload: bool, width: int) -> dict[str, floa
     return {"bucket": BUCKET * width / GIB,
             "gradients": (max(sizes) if offload else sum(sizes)) * width / GIB,
             "masters": 0.0 if offload or width == 2 else sum(sizes) * 4 / GIB}
-
-
-def report(cfg: Config, cards: list[float]) -> str:
-    f = forecast(cfg)
-    cats = ", ".join(f"{k} {v:.2f}" for k, v in f.categories.items() if v > 0.0005)
-    lines = [f"{cfg.name}, micro-batch {f.micro_batch}: predicted peak {f.allocated:.2f} GiB allocated ({cats}; GiB), "
-             f"in {f.seconds:.1f} s on fake tensors",
-             f"  estimated: {f.reserved():.2f} GiB reserved ({f.reserved(True):.2f} at the worst measured ratio), "
-             f"{f.device():.2f} GiB on the device ({f.device(True):.2f})"]
-    lines += [f"  {n}" for n in f.notes]
-    says = {"fits": "fits", "likely": "likely fits (not at the worst measured reserve)", "no": "does not fit"}
-    lines += [f"  {c:g} GB card: {says[f.verdict(c)]}" for c in cards]
-    return "\n".join(lines)

@@ -1,30 +1,42 @@
-"""Auto-fit: choose the fastest memory plan that fits a budget, keeping the effective batch.
+"""The planner: the fastest memory plan that fits a card, keeping the effective batch.
 
-    setr-plan --cfg pup_ade20k.yaml --budget-gib 24
-    setr-plan --cfg pup_ade20k.yaml --predict --cards 8 12 16 24   (no GPU needed)
-    python launch/train.py --cfg pup_ade20k.yaml --auto-fit 24
+    setr-plan --cfg pup_ade20k.yaml --predict [--cards rtx4090 l4 24]   on fake tensors, any machine
+    setr-plan --cfg pup_ade20k.yaml --measure [--budget-gib 24]         on the GPU at hand
+    setr-train --cfg pup_ade20k.yaml --auto-fit 24                      measure, then train with the plan
 
 A plan is a micro-batch (a divisor of `train.total_batch`; accumulation makes up the rest),
 an activation-checkpointing policy, 32- or 8-bit optimizer states, and (on a GPU) ZeRO-2
-with the optimizer offloaded to the CPU. Every candidate is measured with a few real
-training steps (`setr_lowmem.sizing.measure`): for each technique set, micro-batches are tried from
-the largest down until one fits, and the fastest plan under the budget wins (plans within 5% of
-it count as equally fast, and the one of them with the most memory to spare is chosen). The budget is
-checked against the device-level peak on a GPU (what the card must hold, CUDA context
-included) and against PyTorch's MemTracker peak on a CPU. accelerate's
-`find_executable_batch_size` only halves the batch until it fits; this chooses among
-techniques too.
+with the optimizer offloaded to the CPU. For each technique set, micro-batches are tried from
+the largest down until one fits; the fastest plan that fits wins (plans within 5% of it count
+as equally fast, and the one of them with the most memory to spare is chosen).
+
+Two modes share this module and one table (`summary`):
+
+- **predict** (`predict`): every plan forecast on fake tensors (`sizing.forecast`: memory;
+  `sizing.speed`: images/s on each card of `sizing.cards`). A plan fits a card only with a
+  margin: its forecast peak at the worst reserve/allocated ratio ever measured, plus the CUDA
+  context, within what CUDA offers of the card's memory (`Target`). A plan that fits only at the
+  expected ratio is 'likely' and never chosen.
+- **measure** (`search`, `auto_fit`): a few real training steps per plan (`sizing.measure`) on
+  this machine; the budget is checked against the device-level peak on a GPU (CUDA context
+  included) and PyTorch's MemTracker peak on a CPU, and a plan fits when it leaves
+  `MEASURED_MARGIN` of the budget free.
+
+accelerate's `find_executable_batch_size` only halves the batch until it fits; this chooses
+among techniques too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from setr_lowmem.config import Config, ConfigError, with_overrides
+from setr_lowmem.sizing.cards import CARDS, DRIVER_SHARE, Card
 from setr_lowmem.sizing.measure import Measurement, measure, memory_cap, set_memory_cap
 
 log = logging.getLogger(__name__)
@@ -36,9 +48,12 @@ class Plan:
     checkpointing: str
     bits: int
     offload: bool
+    as_configured: bool = False  # the config's own settings, nothing overridden
 
     def overrides(self) -> list[str]:
         """The plan as config overrides: what is printed and what is applied (`apply_plan`)."""
+        if self.as_configured:
+            return []
         out = [f"train.micro_batch={self.micro_batch}", f"memory.checkpointing={self.checkpointing}",
                "memory.every_k=1", f"optim.bits={self.bits}"]
         if self.offload:
@@ -47,7 +62,7 @@ class Plan:
 
     def describe(self, cfg: Config) -> str:
         planned = apply_plan(cfg, self)
-        return (f"micro-batch {self.micro_batch} x {planned.train.accumulation()}, checkpointing {self.checkpointing}, "
+        return ("as configured: " if self.as_configured else "") + (f"micro-batch {self.micro_batch} x {planned.train.accumulation()}, checkpointing {self.checkpointing}, "
                 f"{self.bits}-bit" + (", ZeRO-2 offload" if self.offload else ""))
 
 
@@ -99,17 +114,27 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
 
 
 TIE = 0.05  # plans within 5% of the fastest are equally fast: machine noise must not choose among them
+MEASURED_MARGIN = 0.05  # a measured plan fits when it leaves 5% of the budget free: a few steps do not show
+# what hours add (the allocator's fragmentation over a long run); the planner's policy, not a measurement
+
+
+def fastest(candidates: list[tuple[Plan, float, float]]) -> Plan | None:
+    """The fastest of (plan, images/s, peak GiB) fitting candidates; among those within `TIE` of
+    it, the one with the lowest peak (the most memory to spare), so that noise does not decide.
+    Without any speed (all NaN): the first, in the planner's order from fastest to most frugal."""
+    if not candidates:
+        return None
+    known = [c for c in candidates if not math.isnan(c[1])]
+    if not known:
+        return candidates[0][0]
+    top = max(img_s for _, img_s, _ in known)
+    ties = [c for c in known if c[1] >= (1 - TIE) * top]
+    return min(ties, key=lambda c: (c[2], -c[1]))[0]
 
 
 def pick(tried: list[tuple[Plan, Measurement]], cuda: bool) -> Plan | None:
-    """The fastest plan that fits; among those within `TIE` of it, the one with the lowest peak
-    (the most memory to spare), so that a few steps' noise does not decide."""
-    fitting = [(plan, m) for plan, m in tried if m.fits]
-    if not fitting:
-        return None
-    fastest = max(m.img_s for _, m in fitting)
-    ties = [(plan, m) for plan, m in fitting if m.img_s >= (1 - TIE) * fastest]
-    return min(ties, key=lambda t: (peak_of(t[1], cuda), -t[1].img_s))[0]
+    """The measured plan to choose (`fastest` among those that fit)."""
+    return fastest([(plan, m.img_s, peak_of(m, cuda)) for plan, m in tried if m.fits])
 
 
 def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidates) -> None:
@@ -121,14 +146,15 @@ def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidat
             plan = Plan(mb, policy, bits, offload)
             m = measure(apply_plan(cfg, plan), label=plan.describe(cfg), steps=steps, device=device,
                         breakdown=not cuda, cap_gib=budget_gib if cuda else None)
-            fits = m.fits and peak_of(m, cuda) <= budget_gib
+            fits = m.fits and peak_of(m, cuda) <= budget_gib * (1 - MEASURED_MARGIN)
             if m.fits and not fits:
-                m.note = m.note or f"peak {peak_of(m, cuda):.2f} GiB over the {budget_gib:g} GiB budget"
+                m.note = m.note or (f"peak {gib(peak_of(m, cuda))} GiB leaves less than {MEASURED_MARGIN:.0%} of the "
+                                    f"{budget_gib:g} GiB budget free")
             m.fits = fits
             tried.append((plan, m))
             spent = time.time() - started
             left = spent / len(tried) * (most - len(tried)) / 60
-            report(f"  {plan.describe(cfg):<58} " + (f"peak {peak_of(m, cuda):7.3f} GiB  {m.img_s:7.1f} img/s"
+            report(f"  {plan.describe(cfg):<58} " + (f"peak {gib(peak_of(m, cuda)):>7} GiB  {m.img_s:7.1f} img/s"
                                                        if fits else f"does not fit: {m.note}")
                    + f"  [{len(tried)}/{most} at most, {spent:.0f} s, at most {left:.1f} min left]")
             if fits:
@@ -140,35 +166,197 @@ def auto_fit(cfg: Config, budget_gib: float, steps: int = 3, report=print) -> Co
     report(f"auto-fit: trying plans for {cfg.name} within {budget_gib:g} GiB (effective batch {cfg.train.total_batch})")
     plan, _ = search(cfg, budget_gib, steps=steps, report=report)
     if plan is None:
-        raise ConfigError(f"no plan fits {budget_gib:g} GiB for {cfg.name}, even micro-batch 1 with full "
-                          "checkpointing and 8-bit states (and offload on a GPU); use a smaller crop or a larger budget")
+        raise ConfigError(f"no plan fits {budget_gib:g} GiB for {cfg.name} with {MEASURED_MARGIN:.0%} of it free, even "
+                          "micro-batch 1 with full checkpointing and 8-bit states (and offload on a GPU); use a "
+                          "smaller crop or a larger budget")
     report(f"chosen: {plan.describe(cfg)}")
     report("as overrides: " + " ".join(plan.overrides()))
     return apply_plan(cfg, plan)
 
 
-def predict(cfg: Config, cards: list[float], micro_batches: list[int] | None = None, report=print) -> list:
-    """Every plan (each technique set at each micro-batch, the config's by default) forecast on fake
-    tensors, no GPU needed (`setr_lowmem.sizing.forecast`); prints which fit each card. Returns (plan, forecast)s."""
+
+
+def gib(x: float) -> str:
+    """A GiB figure with enough digits to compare with a budget: 3 decimals under 0.1 GiB."""
+    return f"{x:.3f}" if abs(x) < 0.1 else f"{x:.2f}"
+
+
+# ---- the table both modes print -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """What a plan must fit: `capacity` GiB on the device (a plan's need includes the CUDA
+    context), from a card of the table, a card given by its size, or a budget; `how` says how."""
+
+    label: str
+    capacity: float
+    card: Card | None = None
+    how: str = ""
+
+
+def card_target(memory_gb: float, card: Card | None = None) -> Target:
+    """A card sold as `memory_gb` GB: vendors size memory in binary units (24 GB of chips are
+    24 GiB) and CUDA offers a little less of it (`cards.DRIVER_SHARE`)."""
+    capacity = memory_gb * DRIVER_SHARE
+    label = f"{card.name.replace('NVIDIA ', '')} ({memory_gb:g} GB)" if card else f"a {memory_gb:g} GB card"
+    return Target(label, capacity, card, f"{memory_gb:g} GB sold = {memory_gb:g} GiB of memory, x {DRIVER_SHARE:.4f} "
+                                         f"offered by CUDA = {capacity:.2f} GiB")
+
+
+def budget_target(budget_gib: float, label: str = "") -> Target:
+    return Target(label or f"a budget of {budget_gib:g} GiB", budget_gib, None, f"{budget_gib:g} GiB as given")
+
+
+@dataclass
+class Outcome:
+    """One plan on one target: its peak (GiB, with the mode's margin), images/s with its range
+    (NaN where unknown) and whether it fits."""
+
+    plan: Plan
+    peak: float
+    img_s: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+    fits: bool = False
+    rank: float = float("nan")  # the speed that orders the plans (a card's own, or the H100's for a size)
+
+
+def days(cfg: Config, img_s: float) -> float:
+    """Days that the config's schedule (iterations x total batch images) takes at `img_s`."""
+    return cfg.schedule.iters * cfg.train.total_batch / img_s / 86400
+
+
+def summary(cfg: Config, rows: list[tuple[Target, Outcome | None]], paste: str) -> list[str]:
+    """One line per target with the plan chosen for it, its peak and what it leaves free, images/s
+    with its range and the days of the schedule, then the command line to paste."""
+    lines = [f"  {'card':<34} {'GiB':>6}  {'plan':<68} {'peak GiB':>8} {'free':>6} {'img/s':>6} {'range':>11} "
+             f"{'days':>11}"]
+    for target, out in rows:
+        if out is None:
+            lines.append(f"  {target.label:<34} {gib(target.capacity):>6}  no plan fits")
+            continue
+        elif not out.fits:
+            lines.append(f"  {target.label:<34} {gib(target.capacity):>6}  no plan fits with the margin; "
+                         f"'likely' (not chosen): {out.plan.describe(cfg)}, {gib(out.peak)} GiB at the worst ratio")
+            continue
+        speed = "-" if math.isnan(out.img_s) else f"{out.img_s:.1f}"
+        spread = "" if math.isnan(out.low) else f"{out.low:.1f}-{out.high:.1f}"
+        when = "" if math.isnan(out.img_s) else f"{days(cfg, out.img_s):.1f}" + (
+            "" if math.isnan(out.low) else f" ({days(cfg, out.high):.1f}-{days(cfg, out.low):.1f})")
+        lines.append(f"  {target.label:<34} {gib(target.capacity):>6}  {out.plan.describe(cfg):<68} {gib(out.peak):>8} "
+                     f"{gib(target.capacity - out.peak):>6} {speed:>6} {spread:>11} {when:>11}")
+        lines.append(f"      paste: {paste}" + "".join(f" {o}" for o in out.plan.overrides()))
+    return lines
+
+
+# ---- predict: every plan on fake tensors ---------------------------------------------------
+
+def micro_batch_sizes(cfg: Config) -> list[int]:
+    """Every micro-batch that keeps the effective batch, largest (fastest) first."""
+    total = cfg.train.total_batch
+    return [b for b in range(total, 0, -1) if total % b == 0]
+
+
+def _forecast_plans(cfg: Config, targets: list[Target], sizes: list[int], as_configured: bool, report) -> list:
+    """(plan, forecast) of the config as configured, or of every technique set from the largest
+    micro-batch down until one fits every target (smaller ones are slower)."""
     from setr_lowmem.sizing.forecast import forecast
 
-    sizes = micro_batches or [cfg.train.micro_batch]
-    bad = [b for b in sizes if cfg.train.total_batch % b]
-    if bad:
-        raise ConfigError(f"--micro-batches {bad}: each must divide train.total_batch={cfg.train.total_batch}")
-    out, says = [], {"fits": "fits", "likely": "likely", "no": "-"}
-    report(f"{cfg.name}: predicted on fake tensors (no GPU used); 'likely': fits at the expected allocator "
-           "reserve, not at the worst measured one")
-    report(f"  {'plan':<66} {'allocated':>9} {'device':>7}  " + "  ".join(f"{c:>5g}G" for c in cards))
-    for mb in sizes:
-        for policy, bits, offload in technique_sets(cfg, cuda=True):
+    if as_configured:
+        ds = cfg.memory.deepspeed
+        plan = Plan(cfg.train.micro_batch, cfg.memory.checkpointing, cfg.optim.bits,
+                    bool(ds.stage and ds.offload_optimizer), as_configured=True)
+        f = forecast(cfg)
+        cats = ", ".join(f"{k} {v:.2f}" for k, v in f.categories.items() if v > 0.0005)
+        report(f"  {plan.describe(cfg)}: allocated {f.allocated:.2f} GiB ({cats}); need {gib(f.device(True))} GiB "
+               f"at the worst ratio, {gib(f.device())} expected")
+        for note in f.notes:
+            report(f"    {note}")
+        return [(plan, f)]
+    out, started = [], time.time()
+    report(f"  {'plan':<68} {'allocated':>9} {'need':>7} {'expected':>8}")
+    for policy, bits, offload in technique_sets(cfg, cuda=True):
+        for mb in sizes:
             plan = Plan(mb, policy, bits, offload)
             f = forecast(apply_plan(cfg, plan))
             out.append((plan, f))
-            report(f"  {plan.describe(cfg):<66} {f.allocated:8.2f}G {f.device():6.2f}G  "
-                   + "  ".join(f"{says[f.verdict(c)]:>6}" for c in cards))
-    for c in cards:
-        first = next((plan for plan, f in out if f.fits(c)), None)
-        report(f"{c:g} GB card: " + (f"{first.describe(cfg)} (the first that fits, in the planner's order from "
-                                     "fastest to most frugal)" if first else "no plan is predicted to fit"))
+            report(f"  {plan.describe(cfg):<68} {f.allocated:9.2f} {gib(f.device(True)):>7} {gib(f.device()):>8}"
+                   f"  [{len(out)} plans, {time.time() - started:.0f} s]")
+            if all(f.device(True) <= t.capacity for t in targets):
+                break
     return out
+
+
+def _choose(target: Target, candidates: list, model) -> Outcome | None:
+    """The fastest plan that fits `target` with the margin; else the fastest 'likely' one, marked
+    as not fitting; else None."""
+    from setr_lowmem.sizing.speed import images_per_second
+
+    outcomes = []
+    for plan, f in candidates:
+        out = Outcome(plan, f.device(True), fits=f.device(True) <= target.capacity)
+        if model is not None:
+            card = target.card or CARDS["h100"]  # a card given by its size: ordered by the H100's speeds
+            out.rank = images_per_second(f.counts, card, model.efficiencies)
+            if target.card is not None:
+                out.img_s = out.rank
+                out.low, out.high = model.range(out.img_s)
+        outcomes.append((out, f.device() <= target.capacity))
+    for wanted in (lambda o, likely: o.fits, lambda o, likely: likely):
+        chosen = fastest([(o.plan, o.rank, o.peak) for o, likely in outcomes if wanted(o, likely)])
+        if chosen is not None:
+            return next(o for o, _ in outcomes if o.plan == chosen)
+    return None
+
+
+def predict(cfg: Config, targets: list[Target], micro_batches: list[int] | None = None, report=print,
+            as_configured: bool = False, paste: str = "setr-train") -> list[tuple[Target, Outcome | None]]:
+    """Forecast the plans on fake tensors (no GPU needed) and choose the fastest that fits each
+    target with the margin; prints the plans, then `summary`. Returns (target, chosen outcome)."""
+    from setr_lowmem.sizing.forecast import OVERHEADS
+    from setr_lowmem.sizing.speed import load_model
+
+    model = load_model()
+    report(f"{cfg.name}: predicted on fake tensors, no GPU used (total batch {cfg.train.total_batch}, "
+           f"{cfg.schedule.iters} iterations)")
+    report(f"  a plan fits a card when its peak allocated x {OVERHEADS.reserved_high:.3f} (the worst reserve/allocated "
+           f"ratio measured; x {OVERHEADS.reserved:.3f} expected with expandable segments) + {OVERHEADS.context:g} GiB "
+           "of CUDA context and kernels (an estimate, PyTorch #107667) is within what CUDA offers of it; a plan "
+           "that fits only at the expected ratio is 'likely' and never chosen")
+    for t in targets:
+        report(f"  {t.label}: {t.how}")
+    if model is None:
+        report("  images/s: no speed model stored (run benchmarks/speed_check.py): plans in the planner's order")
+    else:
+        report(f"  images/s: the time model fitted to {model.fitted_on}; range: its leave-one-out errors there "
+               f"({100 * min(model.errors):+.0f}% to {100 * max(model.errors):+.0f}%), other cards assumed to reach "
+               "the same efficiencies (docs/speed-forecast.md); a card given by its size gets no speed")
+    candidates = _forecast_plans(cfg, targets, micro_batches or micro_batch_sizes(cfg), as_configured, report)
+    rows = [(t, _choose(t, candidates, model)) for t in targets]
+    report("")
+    for line in summary(cfg, rows, paste):
+        report(line)
+    return rows
+
+
+def measure_plans(cfg: Config, budget_gib: float, steps: int = 3, report=print, paste: str = "setr-train",
+                  auto_fit_line: str = "") -> tuple[Target, Outcome | None]:
+    """Measure the plans on this machine (`search`, the code `auto_fit` runs inside training) and
+    print the chosen one in `summary`'s table."""
+    cuda = torch.cuda.is_available()
+    where = torch.cuda.get_device_name() if cuda else "this CPU"
+    report(f"{cfg.name}: measured on {where}, {steps} steps per plan; a plan fits when its peak "
+           + ("on the device (CUDA context included)" if cuda else "(PyTorch's MemTracker)")
+           + f" leaves {MEASURED_MARGIN:.0%} of the {budget_gib:g} GiB budget free")
+    plan, tried = search(cfg, budget_gib, steps=steps, report=report)
+    target = budget_target(budget_gib, f"{where} within {budget_gib:g} GiB")
+    out = None
+    if plan is not None:
+        m = dict(tried)[plan]
+        out = Outcome(plan, peak_of(m, cuda), m.img_s, fits=True, rank=m.img_s)
+    report("")
+    for line in summary(cfg, [(target, out)], paste):
+        report(line)
+    if out is not None and auto_fit_line:
+        report(f"      or measure again at the start of training: {auto_fit_line}")
+    return target, out
