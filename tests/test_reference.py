@@ -37,9 +37,11 @@ def test_every_configured_reference_row_loads_with_its_batch():
 
 
 def test_the_sizing_data_is_package_data():
-    """`pip install .` ships the CSVs: pyproject's package-data names them."""
+    """`pip install .` ships every file the sizing room reads: pyproject's package-data names them."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["setr_lowmem"]
     package = ROOT / "setr_lowmem"
-    for path in reference.DATA.glob("*.csv"):
+    files = [p for p in reference.DATA.iterdir() if p.is_file()]
+    assert {p.name for p in files} >= {"h100_plain_pytorch.csv", "cards.csv", "speed_model.json"}
+    for path in files:
         relative = path.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in data), relative
