@@ -11,6 +11,7 @@ same way.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 from dataclasses import field
@@ -566,7 +567,10 @@ def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "unexpected_keyword_argument":
-        return f"unknown key {loc}"
+        section, _, last = loc.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k, _ in config_fields() if k.rpartition(".")[0] == section]
+        near = difflib.get_close_matches(last, siblings, n=1, cutoff=0.6)
+        return f"unknown key {loc}" + (f" (did you mean {section + '.' if section else ''}{near[0]}?)" if near else "")
     if first["type"] == "missing_argument":
         return f"missing required key {loc}"
     msg = first["msg"].removeprefix("Value error, ")

@@ -45,7 +45,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 BAD = [
-    ("model:\n  decoderr: pup\n", "unknown key model.decoderr"),
+    ("model:\n  decoderr: pup\n", "unknown key model.decoderr (did you mean model.decoder?)"),
+    ("optim:\n  learning_rate: 0.1\n", "unknown key optim.learning_rate"),
     ("optim:\n  lr: fast\n", "optim.lr: Input should be a valid number, got 'fast'"),
     ("data:\n  crop: 500\n", "data.crop 500 is not divisible by model.patch_size 16"),
     ("model:\n  decoder: pupp\n", "model.decoder: Input should be 'naive', 'pup' or 'mla', got 'pupp'"),

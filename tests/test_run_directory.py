@@ -92,3 +92,23 @@ def test_one_tensorboard_run_usual_permissions_and_no_lock_left(tmp_path):
     for f in [tmp_path / "model.safetensors", tmp_path / "best_mIoU.safetensors",
               *(tmp_path / "checkpoints").rglob("*.safetensors")]:
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_a_cpu_run_that_would_not_fit_host_memory_stops_before_it_starts(tmp_path, monkeypatch):
+    """Without a GPU a large model is forecast first: one line instead of the kernel's out-of-memory kill."""
+    import psutil
+
+    from tests.bad_inputs import run_launcher
+
+    class Little:
+        available = 2**29  # half a GiB: less than any training run needs
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Little())
+    large = ["model.embed_dim=384", "model.depth=12", "model.num_heads=6", "model.out_indices=[2,5,8,11]"]
+    code, _, err = run_launcher("train", ["--cfg", "test_tiny", f"train.out_dir={tmp_path / 'run'}", "schedule.iters=1",
+                                          *large])
+    assert code == 2 and "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert re.search(r"no GPU: this run would train in host memory and needs about [\d.]+ GiB .* (2[0-9])M "
+                     r"parameters\), but 0.5 GiB is available", line), line
+    assert not (tmp_path / "run").exists()

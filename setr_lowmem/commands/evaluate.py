@@ -20,12 +20,13 @@ def main() -> None:
     parser = command_parser(__doc__)
     parser.add_argument("--cfg", default=None,
                         help="config file (default: the one the checkpoint or exported file carries)")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="an exported model.safetensors, a checkpoint directory or a Hub directory")
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale 0.5..1.75 and flip")
     parser.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
     parser.add_argument("--max-images", type=int, default=0, metavar="N",
                         help="evaluate only the first N images of the split (0: all of them)")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.mode=whole data.root=/data/ade")
     args = parser.parse_intermixed_args()
     if args.max_images < 0:
         fail(f"--max-images must be 0 (every image) or a positive number, got {args.max_images}")

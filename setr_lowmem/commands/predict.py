@@ -48,7 +48,7 @@ def main() -> None:
     parser = command_parser(__doc__)
     parser.add_argument("--cfg", default=None,
                         help="config file (default: the one the checkpoint or exported file carries)")
-    parser.add_argument("--checkpoint", required=True, help="an exported model.safetensors or a checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, help="an exported model.safetensors, a checkpoint directory or a Hub directory")
     parser.add_argument("--input", required=True, help="a folder of images, one image file, or a glob pattern")
     parser.add_argument("--out", required=True, help="the folder to write the overlays and class maps into")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.mode=whole")

@@ -65,11 +65,41 @@ def main() -> None:
         from setr_lowmem.sizing.planner import auto_fit
 
         cfg = auto_fit(cfg, args.auto_fit)
+    check_host_memory(cfg)
     from setr_lowmem.engine.train import train
 
     allow = tuple(k for k in args.allow_change.split(",") if k)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after, allow_change=allow)
     report(summary, cfg.schedule.iters)
+
+
+LARGE = 20_000_000  # parameters: a model this large is forecast before it trains on a CPU
+
+
+def check_host_memory(cfg) -> None:
+    """Without a GPU the model trains in host memory: a full-size SETR at the paper's batch needs tens of
+    GiB, and the kernel would kill the run without a word. A large model's step is forecast first
+    (`sizing.forecast` on the CPU's rules, seconds) and compared with the memory available."""
+    import psutil
+    import torch
+
+    from setr_lowmem.config import without_initial_weights
+    from setr_lowmem.model import build_setr
+
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_setr(without_initial_weights(cfg)).parameters())
+    if params < LARGE:
+        return
+    from setr_lowmem.sizing.forecast import forecast
+
+    need = forecast(cfg, cuda=False).allocated + 1.0  # + the interpreter, torch and the data workers
+    free = psutil.virtual_memory().available / 2**30
+    if need > free:
+        fail(f"no GPU: this run would train in host memory and needs about {need:.1f} GiB (forecast for "
+             f"train.micro_batch={cfg.train.micro_batch}, {params / 1e6:.0f}M parameters), but {free:.1f} GiB is "
+             "available: lower train.micro_batch (accumulation keeps the batch) or train on a GPU")
 
 
 def report(summary: dict, iters: int) -> None:
