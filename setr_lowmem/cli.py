@@ -56,11 +56,22 @@ def version() -> str:
     return f"setr-lowmem {own} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
+class _Version(argparse.Action):
+    """`--version`, worked out only when asked for (it imports torch, seconds that --help should not pay)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show the versions and exit", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())
+        parser.exit()
+
+
 def command_parser(doc: str | None) -> argparse.ArgumentParser:
     """The argument parser every console command starts from: its module's docstring as the help text
     (named after the command that was run) and `--version`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=version())
+    parser.add_argument("--version", action=_Version)
     return parser
 
 
@@ -70,11 +81,11 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a launcher's main in the prepared environment (`prepare_environment`); the toolkit's own
-    errors print as `error: <one line>` (exit 2)."""
+    """Run a launcher's main; the toolkit's own errors print as `error: <one line>` (exit 2). Each main
+    checks its arguments first and then calls `prepare_environment` (which imports torch: a refused
+    argument or config answers at once)."""
     from setr_lowmem.errors import SetrError
 
-    prepare_environment()
     try:
         main()
     except SetrError as err:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from setr_lowmem.cli import command_parser, fail, run_main
+from setr_lowmem.cli import command_parser, fail, prepare_environment, run_main
 
 
 MS_SCALES = "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]"
@@ -30,6 +30,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     if args.max_images < 0:
         fail(f"--max-images must be 0 (every image) or a positive number, got {args.max_images}")
+    prepare_environment()
 
     from setr_lowmem.data.classes import class_names
     from setr_lowmem.engine.evaluate import evaluate, format_table

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from setr_lowmem.cli import command_parser, fail, run_main
+from setr_lowmem.cli import command_parser, fail, prepare_environment, run_main
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
                              "PretrainedSETR.from_pretrained loads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args()
+    prepare_environment()
 
     from setr_lowmem.engine.checkpoint import export_fp32, intact, writable_target
     from setr_lowmem.engine.rundir import writable_dir

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from setr_lowmem.cli import run_main
+from setr_lowmem.cli import prepare_environment, run_main
 
 
 def command_names(argv0: str | None = None) -> tuple[str, str]:
@@ -116,6 +116,7 @@ def main() -> None:
     parser = build_parser(prog)
     args = parser.parse_intermixed_args()
     targets = checked(parser, args)
+    prepare_environment()
 
     import torch
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from setr_lowmem.cli import command_parser, fail, run_main
+from setr_lowmem.cli import command_parser, fail, prepare_environment, run_main
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -64,6 +64,7 @@ def main() -> None:
                   if (out / f"{n}{tail}").resolve() in inputs), None)
     if clash is not None:
         fail(f"--out would write over the input image {clash}: choose another folder")
+    prepare_environment()
 
     import numpy as np
 

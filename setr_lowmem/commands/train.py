@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from setr_lowmem.cli import command_parser, fail, run_main
+from setr_lowmem.cli import command_parser, fail, prepare_environment, run_main
 
 
 def main() -> None:
@@ -53,6 +53,7 @@ def main() -> None:
     if args.print_config:
         print(dump_config(cfg, f"{args.cfg}" + (f" with {' '.join(args.overrides)}" if args.overrides else "")), end="")
         return
+    prepare_environment()
     if args.cap_gib is not None:
         import torch
 
