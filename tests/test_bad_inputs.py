@@ -1,4 +1,4 @@
-"""Every bad input of `tests/bad_inputs.py` (the README's table) gives one line `error: ...` naming what is
+"""Every bad input of `tests/bad_inputs.py` (the table of docs/failures.md) gives one line `error: ...` naming what is
 wrong, exit code 2, and no traceback; a training run is neither started nor left half-written."""
 
 from __future__ import annotations
