@@ -64,6 +64,9 @@ def test_compiled_conv_units_give_the_same_step_with_head_checkpointing():
     counters = dynamo_counters()
     images, labels = batch()
     ref = step("naive", images, labels, checkpointing="full")
+    # an earlier test's compiled conv units (the forecast's 8-bit row) can serve these from Dynamo's
+    # cache without a new graph (seen under torch 2.11): compile afresh
+    torch.compiler.reset()
     counters.clear()
     new = step("naive", images, labels, checkpointing="full", compile_convs=True)
     compiled = [m for m in new[0].model.modules() if compiled_in_place(m)]
