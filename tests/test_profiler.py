@@ -231,7 +231,8 @@ def test_the_planner_measures_the_step_that_training_runs(tmp_path, mode, monkey
     tiny = load_config("test_tiny", [f"train.out_dir={tmp_path / 'run'}", "schedule.iters=3", "train.total_batch=4",
                                      "train.micro_batch=2", "data.num_workers=0", *mode])
     # measurement first, as `train.py --auto-fit` does (training ends by closing the process group)
-    measured = measure(tiny, steps=3, breakdown=False, batches=iter(build_train_loader(tiny)))
+    loader = build_train_loader(tiny, tiny.train.accumulation())
+    measured = measure(tiny, steps=3, breakdown=False, batches=iter(loader))
     trained = train(tiny)["losses"]
     assert len(trained) == 3 and len(set(trained)) == 3
     assert measured.losses == pytest.approx(trained, rel=1e-6)

@@ -219,7 +219,7 @@ def test_a_live_loader_does_not_hang_the_interpreter_exit(tmp_path):
     script = ("from setr_lowmem.data.loader import build_train_loader\n"
               "from tests.conftest import tiny_config\n"
               "cfg = tiny_config('naive', data=dict(num_workers=2))\n"
-              "KEPT = iter(build_train_loader(cfg))\n"
+              "KEPT = iter(build_train_loader(cfg, cfg.train.accumulation()))\n"
               "next(KEPT)\n"
               "print('exiting', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,6 +157,24 @@ def test_accumulation_equals_the_full_batch(fresh_accelerate):
             accelerator.backward(micro_loss)
     for (n, p), q in zip(full.named_parameters(), accum.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_accumulation_is_derived_once_and_checked_against_the_processes(fresh_accelerate, monkeypatch):
+    """make_accelerator derives the accumulation from the launcher's WORLD_SIZE, the one place it is
+    computed; an accelerator that counts other processes is refused in one line."""
+    from setr_lowmem.config import ConfigError
+    from setr_lowmem.engine import step
+
+    cfg = tiny_config("pup", train=dict(total_batch=8, micro_batch=2))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert step.make_accelerator(cfg).gradient_accumulation_steps == 4
+    reset_accelerate_state()
+    # a launcher said 2 processes and accelerate counted 1 (a real one would wait for the second here)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(step, "Accelerator", lambda **kw: SimpleNamespace(num_processes=1, **kw))
+    with pytest.raises(ConfigError, match="accelerate runs 1 process.* but WORLD_SIZE is 2: the accumulation "
+                                          r"\(2\) would not keep train.total_batch"):
+        step.make_accelerator(cfg)
 
 
 def test_poly_schedule_matches_mmseg_at_several_iterations():

@@ -83,12 +83,14 @@ def stream_state(iteration: int, total_batch: int, seed: int, n: int) -> dict[st
     return {"epoch": position // n, "index": position % n, "seed": seed, "position": position}
 
 
-def build_train_loader(cfg: Config, start_iter: int = 0, rank: int = 0, world: int = 1,
+def build_train_loader(cfg: Config, accumulation: int, start_iter: int = 0, rank: int = 0, world: int = 1,
                        source: Source | None = None) -> DataLoader:
+    """The training stream from iteration `start_iter` for process `rank` of `world`, in micro-batches
+    of `train.micro_batch`, `accumulation` of them per iteration (the accelerator's: it is derived
+    once, in `engine.step.make_accelerator`)."""
     source = source or open_source(cfg.data, cfg.data.train_split)
     stream = TrainStream(source, cfg.data, cfg.train.seed)
-    sampler = StreamSampler(cfg.train.micro_batch, cfg.train.accumulation(world), rank, world, start_iter,
-                            cfg.schedule.iters)
+    sampler = StreamSampler(cfg.train.micro_batch, accumulation, rank, world, start_iter, cfg.schedule.iters)
     return DataLoader(stream, batch_size=cfg.train.micro_batch, sampler=sampler,
                       num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.data.num_workers > 0, drop_last=False,

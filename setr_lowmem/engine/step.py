@@ -42,7 +42,12 @@ log = logging.getLogger("setr_lowmem")
 
 def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = False) -> Accelerator:
     """The Accelerator for `cfg`: a DeepSpeed plugin when a ZeRO stage is set, the accumulation of
-    `cfg.train`, the trackers of `train.log_with` when `trackers`."""
+    `cfg.train`, the trackers of `train.log_with` when `trackers`.
+
+    The one place the accumulation is derived: DeepSpeed's config and accelerate both need it before
+    the accelerator exists, so it is computed from the launcher's `WORLD_SIZE` and checked against
+    the processes accelerate then counts. Everything after reads `gradient_accumulation_steps`
+    (`TrainingStep.accumulation`, the data stream, the log lines)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         accumulation = cfg.train.accumulation(world)
@@ -60,7 +65,7 @@ def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = 
     # trackers log under <run_dir>.parent / <run_dir>.name: TensorBoard's events in the run directory
     project = None if run_dir is None else ProjectConfiguration(project_dir=str(run_dir),
                                                                  logging_dir=str(Path(run_dir).parent))
-    return Accelerator(
+    accelerator = Accelerator(
         kwargs_handlers=handlers,
         # Without a GPU, several processes need accelerate's MULTI_CPU (gloo) mode, which it
         # only picks with cpu=True; DeepSpeed on the CPU must not get it (it would drop the plugin).
@@ -71,6 +76,11 @@ def make_accelerator(cfg: Config, run_dir: Path | None = None, trackers: bool = 
         log_with=tracker(cfg) if trackers else None,
         project_config=project,
     )
+    if accelerator.num_processes != world:
+        raise ConfigError(f"accelerate runs {accelerator.num_processes} process(es) but WORLD_SIZE is {world}: "
+                          f"the accumulation ({accumulation}) would not keep train.total_batch; start the run with "
+                          "`accelerate launch` or `torchrun`, which set WORLD_SIZE")
+    return accelerator
 
 
 def warn_single_process_launch() -> None:

@@ -234,7 +234,8 @@ def _open(cfg: Config, accelerator: Accelerator, lock: RunLock | None, resume: s
     changes = [] if start is None else ckpt.check_compatible(start, cfg, allow_change)
     world = accelerator.num_processes
     log.info("run %s: %d process(es) on %s, micro-batch %d x accumulation %d x %d = batch %d", run_dir, world,
-             accelerator.device, cfg.train.micro_batch, cfg.train.accumulation(world), world, cfg.train.total_batch)
+             accelerator.device, cfg.train.micro_batch, accelerator.gradient_accumulation_steps, world,
+             cfg.train.total_batch)
     warn_single_process_launch()
     # the data first: a missing split fails before minutes of model building, downloads and training
     source = open_source(cfg.data, cfg.data.train_split)
@@ -256,7 +257,7 @@ def _open(cfg: Config, accelerator: Accelerator, lock: RunLock | None, resume: s
         if changes:
             _record_changes(run_dir, start, changes)
     _init_trackers(accelerator, cfg)
-    loader = build_train_loader(cfg, state.iteration, accelerator.process_index, world, source)
+    loader = build_train_loader(cfg, step.accumulation, state.iteration, accelerator.process_index, world, source)
     meter = MemoryMeter(accelerator.device)
     meter.reset()
     stop_at = cfg.schedule.iters if stop_after is None else min(cfg.schedule.iters, state.iteration + stop_after)
@@ -308,7 +309,7 @@ def _resume(accelerator: Accelerator, start: Path, cfg: Config, state: TrainStat
     if saved != cfg.train.micro_batch:
         log.warning("train.micro_batch is %d, the checkpoint was trained with %d: the effective batch is kept "
                     "(accumulation %d), but BatchNorm now sees batches of %d, so its statistics change",
-                    cfg.train.micro_batch, saved, cfg.train.accumulation(accelerator.num_processes),
+                    cfg.train.micro_batch, saved, accelerator.gradient_accumulation_steps,
                     cfg.train.micro_batch)
 
 
