@@ -151,3 +151,20 @@ def test_saved_config_loads_back_identically(tmp_path):
     cfg = load_config("mla_cityscapes", ["train.micro_batch=4"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_code_changes_a_config_typed_as_the_command_line_would():
+    """replace_keys gives the config that the same overrides give, without writing them out, and
+    checks a section with all its changes at once (ZeRO off with its bf16 weights)."""
+    from setr_lowmem.config import replace_keys, with_overrides
+
+    cfg = load_config("pup_ade20k", ["memory.deepspeed.stage=2", "memory.precision=bf16_weights"])
+    changes = {"memory.deepspeed.stage": 0, "memory.precision": "bf16", "train.micro_batch": 4, "optim.bits": 8}
+    assert replace_keys(cfg, changes) == with_overrides(cfg, ["memory.deepspeed.stage=0", "memory.precision=bf16",
+                                                              "train.micro_batch=4", "optim.bits=8"])
+    assert replace_keys(cfg, {}) is cfg
+    for bad, says in (({"train.micro_batch": 3}, "train: total_batch 16 is not a multiple of micro_batch 3"),
+                      ({"memory.checkpointng": "full"}, "unknown key memory.checkpointng"),
+                      ({"memory.checkpointing": "most"}, "memory.checkpointing: Input should be")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            replace_keys(cfg, bad)

@@ -14,7 +14,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from setr_lowmem.config import Config, load_config
+from setr_lowmem.config import Config, load_config, replace_keys
 
 DATA = Path(__file__).resolve().parent / "data"
 H100_CSV = DATA / "h100_plain_pytorch.csv"
@@ -34,10 +34,12 @@ class Row:
     note: str = ""  # what the measurement does not say, and what is assumed for it
 
     def configured(self) -> Config:
-        """This toolkit's configuration of the row's step (random initial weights)."""
-        return load_config(self.config, [*self.overrides, "model.pretrained=",
-                                         f"train.micro_batch={self.micro_batch}",
-                                         f"train.total_batch={self.micro_batch * self.accumulation}"])
+        """This toolkit's configuration of the row's step (random initial weights): the config file
+        with the row's overrides (the CSV's own strings, as a command line gives them), then its
+        batch, typed."""
+        return replace_keys(load_config(self.config, self.overrides), {
+            "model.pretrained": "", "train.micro_batch": self.micro_batch,
+            "train.total_batch": self.micro_batch * self.accumulation})
 
 
 def read_rows(path: Path = H100_CSV) -> list[Row]:
