@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from setr_lowmem.cli import prepare_environment  # noqa: E402
 
 prepare_environment()
-from setr_lowmem.config import load_config, perf_levers  # noqa: E402
+from setr_lowmem.config import load_config  # noqa: E402
+from setr_lowmem.memory.registry import perf_levers  # noqa: E402
 from setr_lowmem.sizing.measure import (benchmark_overrides, device_tag, fmt, fmt_mfu, measure,  # noqa: E402
                                  set_memory_cap)
 from setr_lowmem.sizing.planner import POLICIES, apply_plan, search  # noqa: E402
@@ -59,7 +60,7 @@ CASES = {
     "ade20k-zero2": Case(title="ZeRO-2 CPU offload, ADE20K, micro-batch 16", cfg="pup_ade20k.yaml", total_batch=16,
                          micro_batches=(16,), reserved_gib=10, device_gib=None, img_s=30, offload=True),
 }
-# The decoder levers all on / all off, from the config fields' `perf` facts.
+# The decoder levers all on / all off, from the techniques' `perf` values (`memory.registry`).
 LEVERS_ON = perf_levers(on=True)
 LEVERS_OFF = perf_levers(on=False)
 
@@ -72,14 +73,14 @@ def run_case(key: str, case: Case, cuda: bool, steps: int, policies: tuple[str, 
     print(f"\n{key}: {case.title}" + (f" (device budget {budget:g} GiB)" if cuda else " (CPU: no budget)"), flush=True)
     plan, tried = search(cfg, budget, steps=steps, micro_batches=list(case.micro_batches or []) or None,
                          offload=case.offload, policies=policies)
-    out = {"key": key, "case": asdict(case), "tried": [dict(plan=asdict(p), **m.as_dict()) for p, m in tried]}
+    out = {"key": key, "case": asdict(case), "tried": [dict(plan=_plan(p), **m.as_dict()) for p, m in tried]}
     if plan is None:
         out["verdict"] = "no plan fits the budget"
         return out
     best = next(m for p, m in tried if p == plan and m.fits)
     ref = measure(apply_plan(load_config(case.cfg, base + LEVERS_OFF), plan), label="levers off", steps=steps,
                   breakdown=not cuda)
-    out.update(plan=asdict(plan), plan_text=plan.describe(cfg), levers_on=best.as_dict(),
+    out.update(plan=_plan(plan), plan_text=plan.describe(cfg), levers_on=best.as_dict(),
                levers_off=ref.as_dict())
     if cuda:
         met = [best.reserved <= case.reserved_gib, case.device_gib is None or best.device <= case.device_gib,
@@ -89,6 +90,11 @@ def run_case(key: str, case: Case, cuda: bool, steps: int, policies: tuple[str, 
     else:
         out["verdict"] = "not judged (CPU, tiny model)"
     return out
+
+
+def _plan(plan) -> dict:
+    """A plan as JSON: its micro-batch and the config values it sets."""
+    return {"micro_batch": plan.micro_batch, **dict(plan.settings)}
 
 
 def table(results: list[dict], cuda: bool) -> str:

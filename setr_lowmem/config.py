@@ -6,6 +6,10 @@ strictly (pydantic in JSON-strict mode): an unknown key, a value of the wrong ty
 impossible value is a `ConfigError` whose one-line message names the key and the file.
 Command-line overrides (`optim.lr=0.01`) are parsed as YAML scalars and validated the
 same way; code changes a config with `replace_keys`, typed.
+
+This module is the schema. What each memory technique's keys mean to the rest of the toolkit
+(how training applies them, how the forecast and the planner treat them, their benchmark rows,
+whether they may change on resume) is declared with the technique (`memory.registry`).
 """
 
 from __future__ import annotations
@@ -40,45 +44,6 @@ DatasetName = Literal["synthetic", "ade20k", "cityscapes", "pascal_context", "pa
 
 class ConfigError(SetrError, ValueError):
     """A configuration problem, reported in one line that names the key and the file."""
-
-
-# ---- facts kept with the fields they describe ------------------------------------------------
-# A field's metadata says what the rest of the toolkit needs to know about it:
-# - `may_change_on_resume`: a run may continue from a checkpoint with another value (it changes
-#   logging, paths or throughput, not what is trained); on a section, for all its keys;
-# - `off` and `levers`: the field is a memory lever of `benchmarks/memory.py`: its value in the
-#   baseline row ("naive", the original code), and the rows that set it (`Lever`);
-# - `perf`: its value (on, off) in the performance targets' comparison (`benchmarks/targets.py`);
-#   None for off: left as configured.
-
-
-@dataclasses.dataclass(frozen=True)
-class Lever:
-    """A row of `benchmarks/memory.py` that sets a field to `value`. Rows run in `order`, each adding
-    its fields to every row before it; a row may set several fields, a field be set by several rows."""
-
-    order: int
-    row: str
-    value: Any
-    gpu_only: bool = False
-
-
-def _facts(may_change_on_resume: bool = False, levers: tuple[Lever, ...] = (), perf: tuple | None = None,
-           **off: Any) -> dict:
-    out: dict[str, Any] = {"may_change_on_resume": may_change_on_resume, "levers": levers, "perf": perf}
-    out.update(off)  # off=<baseline value>, only where the baseline row sets the field
-    return out
-
-
-def resumable(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A field that may change when a run resumes."""
-    return field(default=default, metadata=_facts(may_change_on_resume=True), **kw)
-
-
-def lever(default: Any, *levers: Lever, may_change_on_resume: bool = False, perf: tuple | None = None,
-          **off: Any) -> Any:
-    """A memory-technique field: its benchmark rows, its baseline (`off=`) and targets values."""
-    return field(default=default, metadata=_facts(may_change_on_resume, levers, perf, **off))
 
 
 @dataclass(config=_STRICT)
@@ -144,7 +109,7 @@ class SyntheticConfig:
 class DataConfig:
     dataset: DatasetName = "synthetic"
     """synthetic (built in), ade20k, cityscapes, pascal_context(59) in their official layouts, or hf."""
-    root: str = resumable("")
+    root: str = ""
     """Dataset root (official layouts) or, for hf, a saved dataset dir, data dir, or hub name."""
     num_classes: int = 150
     """Number of classes (labels 0..num_classes-1; 255 is ignored)."""
@@ -174,7 +139,7 @@ class DataConfig:
     """hf datasets: the label-map column."""
     reduce_zero_label: bool = False
     """hf datasets: map stored label 0 to 255 (ignored) and k to k-1; the official layouts set this themselves."""
-    num_workers: int = resumable(2)
+    num_workers: int = 2
     """DataLoader worker processes."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """The built-in procedurally generated dataset."""
@@ -214,7 +179,7 @@ class OptimConfig:
     """AdamW betas."""
     head_lr_mult: float = 10.0
     """lr multiplier for decode and aux head parameters (mmseg's custom_keys 'head')."""
-    bits: Literal[32, 8] = lever(32, Lever(11, "8-bit SGD", 8), Lever(12, "ZeRO-2 offload", 32), off=32)
+    bits: Literal[32, 8] = 32
     """Optimizer state precision: 32 (torch) or 8 (bitsandbytes)."""
 
     def __post_init__(self) -> None:
@@ -269,44 +234,36 @@ class LossConfig:
 
 @dataclass(config=_STRICT)
 class DeepSpeedConfig:
-    stage: Literal[0, 1, 2, 3] = lever(0, Lever(12, "ZeRO-2 offload", 2), Lever(13, "ZeRO-3 offload", 3))
+    stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage; 0 means DeepSpeed is not used."""
-    offload_optimizer: bool = lever(False, Lever(12, "ZeRO-2 offload", True))
+    offload_optimizer: bool = False
     """Keep optimizer states (and the step) on the CPU."""
-    offload_params: bool = lever(False, Lever(13, "ZeRO-3 offload", True))
+    offload_params: bool = False
     """Keep parameters on the CPU between uses (stage 3 only)."""
 
 
 @dataclass(config=_STRICT)
 class MemoryConfig:
-    checkpointing: Literal["none", "blocks", "selective", "full"] = lever(
-        "none", Lever(3, "blocks", "blocks"), Lever(4, "head+loss", "full"), may_change_on_resume=True, off="none")
+    checkpointing: Literal["none", "blocks", "selective", "full"] = "none"
     """Activation checkpointing: none; every k-th block; selective (keep matmul/attention outputs); full (blocks + each head with its loss)."""
-    every_k: int = lever(1, Lever(3, "blocks", 1), may_change_on_resume=True)
+    every_k: int = 1
     """With 'blocks': checkpoint every k-th encoder block."""
-    precision: Literal["fp32", "bf16", "bf16_weights"] = lever("fp32", Lever(1, "bf16", "bf16"), perf=("bf16", "bf16"),
-                                                               off="fp32")
+    precision: Literal["fp32", "bf16", "bf16_weights"] = "fp32"
     """fp32; bf16 autocast over fp32 weights; bf16 weights with fp32 master copies (DeepSpeed)."""
-    attention: Literal["eager", "sdpa"] = lever("sdpa", Lever(2, "sdpa", "sdpa"), may_change_on_resume=True,
-                                                perf=("sdpa", "sdpa"), off="eager")
+    attention: Literal["eager", "sdpa"] = "sdpa"
     """Attention kernel: eager (materialises the attention matrix, as mmseg did) or PyTorch SDPA."""
-    classifier_first: bool = lever(True, Lever(5, "classifier first", True), perf=(True, True), off=False)
+    classifier_first: bool = True
     """Apply each head's 1x1 classifier before its last bilinear upsample (exact: both are linear)."""
-    fused_upsample_loss: bool = lever(True, Lever(6, "fused upsample+CE", True), perf=(True, False), off=False)
+    fused_upsample_loss: bool = True
     """Interpolate logits to the label's size inside the loss (exact; no full-size logits)."""
-    fused_upsample_backend: Literal["auto", "triton", "torch"] = lever(
-        "auto", Lever(6, "fused upsample+CE", "torch"), Lever(7, "Triton fused loss", "triton", gpu_only=True),
-        perf=("auto", None))
+    fused_upsample_backend: Literal["auto", "triton", "torch"] = "auto"
     """The fused loss's implementation: Triton kernels, PyTorch bands, or auto (Triton on CUDA if installed)."""
-    upsample_backward: Literal["stock", "matmul"] = lever("stock", Lever(8, "matmul upsample bwd", "matmul"),
-                                                          perf=("matmul", "stock"))
+    upsample_backward: Literal["stock", "matmul"] = "stock"
     """Backward of the heads' bilinear upsamples: PyTorch's (atomics) or two deterministic matrix products."""
-    channels_last: bool = lever(False, Lever(9, "channels-last", True), Lever(12, "ZeRO-2 offload", False),
-                                perf=(True, False))
+    channels_last: bool = False
     """Decoder convolution weights in channels-last (NHWC) layout, the layout of the encoder's maps. Not
     applied with 8-bit optimizer states (bitsandbytes makes parameters contiguous at its first step)."""
-    compile_convs: bool = lever(False, Lever(10, "compiled convs", True), Lever(12, "ZeRO-2 offload", False),
-                                perf=(True, False))
+    compile_convs: bool = False
     """torch.compile each decoder conv + BatchNorm + ReLU unit (fuses BatchNorm and ReLU). The ZeRO rows
     of the benchmark leave it off: DeepSpeed's parameter hooks make Dynamo recompile the units."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -330,30 +287,30 @@ class MemoryConfig:
 class TrainConfig:
     total_batch: int = 16
     """Effective batch per optimizer step (the paper's 16 or 8) = micro_batch x accumulation x processes."""
-    micro_batch: int = resumable(16)
+    micro_batch: int = 16
     """Images per forward/backward on each process."""
     seed: int = 0
     """Seed for initialisation, data order and augmentation."""
-    out_dir: str = resumable("")
+    out_dir: str = ""
     """Run directory; '' means runs/<config name>."""
-    log_every: int = resumable(50)
+    log_every: int = 50
     """Log loss, lr and memory every N iterations."""
-    log_with: Literal["tensorboard", "wandb", "mlflow", "all", "none"] = resumable("tensorboard")
+    log_with: Literal["tensorboard", "wandb", "mlflow", "all", "none"] = "tensorboard"
     """Experiment tracker, through accelerate ('all': every one installed). TensorBoard's events go
     into the run directory (`tensorboard --logdir runs`); wandb's project is the run directory's name."""
-    val_every: int = resumable(16000)
+    val_every: int = 16000
     """Validate every N iterations (0: only at the end)."""
-    ckpt_every: int = resumable(16000)
+    ckpt_every: int = 16000
     """Save a checkpoint every N iterations (0: only at the end and on a signal)."""
-    keep_last: int = resumable(3)
+    keep_last: int = 3
     """Intact checkpoints kept (besides the one a session resumed from); older ones are deleted."""
-    save_best: Literal["mIoU", "aAcc", "mAcc", "none"] = resumable("mIoU")
+    save_best: Literal["mIoU", "aAcc", "mAcc", "none"] = "mIoU"
     """Keep the model of the best validation by this metric as best_<metric>.safetensors (mmseg's save_best)."""
-    max_bad_steps: int = resumable(5)
+    max_bad_steps: int = 5
     """Consecutive non-finite losses that stop the run."""
     sync_bn: bool = True
     """Use SyncBatchNorm across processes (statistics over the whole batch, as the paper)."""
-    val_max_images: int = resumable(0)
+    val_max_images: int = 0
     """Cap on validation images during training (0: the whole split)."""
 
     def __post_init__(self) -> None:
@@ -395,7 +352,7 @@ class EvalConfig:
 
 @dataclass(config=_STRICT)
 class Config:
-    name: str = resumable("run")
+    name: str = "run"
     """Name of the run (default run directory runs/<name>)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The SETR model."""
@@ -411,7 +368,7 @@ class Config:
     """Memory techniques, each applied from outside the model."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Batching, logging and checkpoints."""
-    eval: EvalConfig = resumable(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     """Test-time inference protocol."""
 
     def __post_init__(self) -> None:
@@ -692,45 +649,6 @@ def config_fields(section: Any = None, prefix: str = ""):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(value):
             yield from config_fields(value, f"{prefix}{f.name}.")
-
-
-def may_change_on_resume(key: str) -> bool:
-    """Whether a run may resume with another value of `key` (or of the section it is in)."""
-    parts = key.split(".")
-    resumable_keys = {k for k, f in config_fields() if f.metadata.get("may_change_on_resume")}
-    return any(".".join(parts[:i]) in resumable_keys for i in range(1, len(parts) + 1))
-
-
-def _override(key: str, value: Any) -> str:
-    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-
-
-BASELINE_ROW = "naive"
-
-
-def benchmark_rows() -> list[tuple[str, list[str], bool]]:
-    """(row, the overrides it adds to the rows before it, GPU only) for `benchmarks/memory.py`: the
-    baseline row (each lever's `off` value), then the levers' rows in their order."""
-    fields = list(config_fields())
-    rows = [(BASELINE_ROW, [_override(k, f.metadata["off"]) for k, f in fields if "off" in f.metadata], False)]
-    steps = sorted((lv.order, i, k, lv) for i, (k, f) in enumerate(fields) for lv in f.metadata.get("levers", ()))
-    for order in dict.fromkeys(o for o, *_ in steps):
-        here = [(k, lv) for o, _, k, lv in steps if o == order]
-        names = {lv.row for _, lv in here}
-        if len(names) != 1:
-            raise ValueError(f"benchmark row {order} is named {sorted(names)}")
-        rows.append((names.pop(), [_override(k, lv.value) for k, lv in here], any(lv.gpu_only for _, lv in here)))
-    return rows
-
-
-def perf_levers(on: bool) -> list[str]:
-    """The overrides of the performance targets' levers, all on or all off (`perf` facts)."""
-    out = []
-    for key, f in config_fields():
-        perf = f.metadata.get("perf")
-        if perf is not None and perf[0 if on else 1] is not None:
-            out.append(_override(key, perf[0 if on else 1]))
-    return out
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

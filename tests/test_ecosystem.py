@@ -222,8 +222,9 @@ def test_the_planner_does_not_let_noise_choose_between_equally_fast_plans():
     from setr_lowmem.sizing.planner import Plan, pick
 
     def tried(speed_b: float):
-        a = (Plan(16, "none", 32, False), Measurement("a", 16, img_s=100.0, allocated=20.0))
-        b = (Plan(8, "full", 8, False), Measurement("b", 8, img_s=speed_b, allocated=9.0))
+        a = (Plan.of(16, {"memory.checkpointing": "none"}), Measurement("a", 16, img_s=100.0, allocated=20.0))
+        b = (Plan.of(8, {"memory.checkpointing": "full", "optim.bits": 8}), Measurement("b", 8, img_s=speed_b,
+                                                                                     allocated=9.0))
         return [a, b]
 
     assert pick(tried(97.0), cuda=False).micro_batch == 8  # 3% slower: a tie, and 11 GiB more to spare

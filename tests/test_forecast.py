@@ -101,11 +101,11 @@ def test_accounted_techniques_move_the_forecast_the_documented_way():
 def test_the_zero2_buffers_accounted_are_the_ones_a_real_engine_holds():
     """A real DeepSpeed engine (CPU accelerator, `tests/zero2_buffers.py` in its own process) at the
     end of a backward, where it holds them all: its gradient bucket, and the offload buffer or the
-    flat gradient partition and the fp32 master copy, are the bytes `forecast.zero2_buffers` gives."""
+    flat gradient partition and the fp32 master copy, are the bytes `deepspeed.zero2_buffers` gives."""
     import json
     import sys
 
-    from setr_lowmem.sizing.forecast import zero2_buffers
+    from setr_lowmem.memory.deepspeed import zero2_buffers
     from tests.helpers import run
 
     engines = json.loads(run([sys.executable, "tests/zero2_buffers.py"]).stdout.strip().splitlines()[-1])
@@ -118,7 +118,7 @@ def test_the_zero2_buffers_accounted_are_the_ones_a_real_engine_holds():
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
 def test_the_forecast_counts_the_zero2_buffers_alive_at_its_peak(offload):
     from setr_lowmem.engine.step import build_for_training
-    from setr_lowmem.sizing.forecast import zero2_buffers
+    from setr_lowmem.memory.deepspeed import zero2_buffers
 
     over = ["memory.deepspeed.stage=2"] + (["memory.deepspeed.offload_optimizer=true"] if offload else [])
     # a step that peaks in its backward (some gradients made, not all) holds the bucket there, not yet

@@ -1,5 +1,5 @@
 """The package's shape: floors that import only downwards, no import loops, short functions, and the
-technique lists derived from the config fields' facts."""
+technique lists derived from the techniques' registry entries."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from setr_lowmem.config import (Config, benchmark_rows, config_fields, load_config, may_change_on_resume,
-                                perf_levers, with_overrides)
+from setr_lowmem.config import Config, config_fields, load_config, with_overrides
+from setr_lowmem.engine.checkpoint import may_change_on_resume
+from setr_lowmem.memory.registry import benchmark_rows, perf_levers, techniques
 
 PACKAGE = Path(__file__).resolve().parent.parent / "setr_lowmem"
 
@@ -100,8 +101,8 @@ def test_no_function_is_over_80_lines(module):
 
 
 def gpu_only_rows(rows: list[tuple[str, list[str], bool]]) -> list[str]:
-    """The benchmark rows that a field's fact marks as needing a GPU (a lever with gpu_only), in order."""
-    marked = {lv.row for _, f in config_fields() for lv in f.metadata.get("levers", ()) if lv.gpu_only}
+    """The benchmark rows that a technique's lever marks as needing a GPU (gpu_only), in order."""
+    marked = {lv.row for t in techniques() for lv in t.levers if lv.gpu_only}
     return [name for name, _, _ in rows if name in marked]
 
 
@@ -123,7 +124,7 @@ def test_the_gpu_only_rows_are_the_ones_a_cpu_cannot_run(monkeypatch):
         applied += overrides
 
 
-def test_technique_lists_come_from_the_config_fields():
+def test_technique_lists_come_from_the_registry():
     keys = {k for k, _ in config_fields()}
     rows = benchmark_rows()
     assert rows[0][0] == "naive" and [r for r, _, gpu in rows if gpu] == gpu_only_rows(rows)
@@ -142,3 +143,100 @@ def test_technique_lists_come_from_the_config_fields():
     for key in ("optim.lr", "train.total_batch", "memory.precision", "schedule.iters", "data.num_classes"):
         assert not may_change_on_resume(key), key
     assert isinstance(Config(), Config)
+
+
+def test_every_memory_key_belongs_to_a_technique():
+    """A memory field that no registry entry owns would be applied by nothing (and a typo in an
+    entry's keys is refused when the registry is read)."""
+    from setr_lowmem.memory.registry import Technique, check
+
+    owned = {k for t in techniques() for k in t.keys}
+    keys = [k for k, _ in config_fields()]
+    leaves = [k for k in keys if k.startswith("memory.") and not any(o.startswith(k + ".") for o in keys)]
+    assert set(leaves) <= owned, sorted(set(leaves) - owned)
+    with pytest.raises(ValueError, match="memory.checkpointin is not a config key"):
+        check([Technique("typo", keys=("memory.checkpointin",), order=1, takes_effect="nowhere")])
+    with pytest.raises(ValueError, match="has no apply"):
+        check([Technique("idle", keys=("model.dropout",), order=1)])
+    with pytest.raises(ValueError, match="owned by both"):
+        check([*techniques(), Technique("again", keys=("memory.attention",), order=1, takes_effect="nowhere")])
+
+
+FAKE_TECHNIQUE = '''
+"""A technique that exists only in a test: a module of its own, declaring one entry."""
+from setr_lowmem.memory.registry import Accounting, Lever, PlanChoice, StepCost, Technique
+
+
+def _apply(train_module, cfg, world, device):
+    train_module.model.fake_technique_applied = cfg.model.dropout
+
+
+def _simulate(cfg, cuda):
+    return {}, "fake technique: accounted as one GiB"
+
+
+def _account(cfg, sizes, categories, computed):
+    categories["fake"] = 1.0
+    return 1.0
+
+
+def _speed(cfg, sizes, accumulation):
+    return StepCost(host_bytes=1e9 * accumulation)
+
+
+TECHNIQUES = [Technique(
+    "fake technique", keys=("model.dropout",), order=99, apply=_apply, simulate=_simulate,
+    accounting=(Accounting(99, _account),), speed=_speed,
+    levers=(Lever(99, "fake row", {"model.dropout": 0.1}),), perf={"model.dropout": (0.1, 0.0)},
+    plan=PlanChoice(9, ({}, {"model.dropout": 0.2}), label=lambda cfg: f"dropout {cfg.model.dropout:g}"),
+    resumable=("model.dropout",),
+)]
+'''
+
+
+@pytest.fixture
+def fake_technique(tmp_path, monkeypatch):
+    """A technique module that no file of the package names, in a folder added to `setr_lowmem.memory`."""
+    import importlib
+    import sys
+
+    import setr_lowmem.memory
+    from setr_lowmem.memory import registry
+
+    (tmp_path / "fake_technique.py").write_text(FAKE_TECHNIQUE)
+    importlib.invalidate_caches()
+    monkeypatch.setattr(setr_lowmem.memory, "__path__", [*setr_lowmem.memory.__path__, str(tmp_path)])
+    registry.techniques.cache_clear()
+    yield
+    sys.modules.pop("setr_lowmem.memory.fake_technique", None)
+    monkeypatch.undo()
+    registry.techniques.cache_clear()
+
+
+def test_a_new_technique_is_one_module(fake_technique):
+    """A technique declared in its own module, and nowhere else, reaches training, the benchmark
+    rows, the performance levers, the planner, the memory and speed forecasts and the resume rules."""
+    from setr_lowmem.engine.step import build_for_training
+    from setr_lowmem.sizing.forecast import forecast
+    from setr_lowmem.sizing.planner import Plan, technique_sets
+
+    assert "fake technique" in [t.name for t in techniques()]
+    assert benchmark_rows()[-1] == ("fake row", ["model.dropout=0.1"], False)
+    assert "model.dropout=0.1" in perf_levers(True) and "model.dropout=0.0" in perf_levers(False)
+    cfg = load_config("test_tiny", ["model.dropout=0.05"])
+    module, _ = build_for_training(cfg)
+    assert module.model.fake_technique_applied == 0.05
+    sets = technique_sets(cfg, cuda=False)
+    assert [dict(s).get("model.dropout") for s in sets].count(0.2) == len(sets) // 2
+    planned = Plan(2, sets[-1])
+    assert planned.describe(cfg).endswith(", dropout 0.2") and "model.dropout=0.2" in planned.overrides()
+    predicted = forecast(cfg, cuda=False)
+    assert predicted.categories["fake"] == 1.0 and "fake technique: accounted as one GiB" in predicted.notes
+    assert predicted.counts.host_bytes == 1e9 * cfg.train.accumulation()
+    assert may_change_on_resume("model.dropout")
+
+
+def test_without_the_fake_module_nothing_of_it_remains():
+    """The fixture above leaves the registry as the package declares it."""
+    assert "fake technique" not in [t.name for t in techniques()]
+    assert not may_change_on_resume("model.dropout")

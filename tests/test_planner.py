@@ -30,7 +30,7 @@ def _forecast(allocated: float, megabytes_per_image: float) -> Forecast:
 
 MODEL = SpeedModel(Efficiencies(compute=0.5, memory=0.5, kernel_us=5.0, host_gbs=10.0, param_us=100.0),
                    errors=[-0.1, 0.2], fitted_on="stub")
-FAST, SLOW = Plan(16, "none", 32, False), Plan(16, "full", 32, False)
+FAST, SLOW = Plan.of(16, {"memory.checkpointing": "none"}), Plan.of(16, {"memory.checkpointing": "full"})
 # needs at the worst measured reserve ratio: fast 12 GiB, slow 10 (at the expected ratio: 9.3 and 8.0)
 CANDIDATES = [(FAST, _forecast((12 - OVERHEADS.context) / OVERHEADS.reserved_high, 100)),
               (SLOW, _forecast((10 - OVERHEADS.context) / OVERHEADS.reserved_high, 200))]

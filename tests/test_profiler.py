@@ -101,7 +101,7 @@ def test_planner_picks_a_plan_that_runs_under_a_small_budget():
 def apply_plan_args(base, mb, policy, bits):
     from setr_lowmem.sizing.planner import Plan
 
-    return apply_plan(base, Plan(mb, policy, bits, False))
+    return apply_plan(base, Plan.of(mb, {"memory.checkpointing": policy, "memory.every_k": 1, "optim.bits": bits}))
 
 
 def test_planner_command_line_measures_every_plan_and_prints_the_line_to_paste():
@@ -165,7 +165,7 @@ def test_targets_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
          "--steps", "2", "--out", str(tmp_path)])
     data = json.loads(next(tmp_path.glob("targets_cpu-tiny_*.json")).read_text())
     (r,) = data["results"]
-    assert [(t["plan"]["checkpointing"], t["plan"]["bits"], t["micro_batch"]) for t in r["tried"]] == [
+    assert [(t["plan"]["memory.checkpointing"], t["plan"]["optim.bits"], t["micro_batch"]) for t in r["tried"]] == [
         ("full", 32, 16), ("full", 8, 16)]
     assert r["levers_on"]["fits"] and r["levers_off"]["fits"] and r["verdict"].startswith("not judged")
     assert r["levers_off"]["micro_batch"] == r["levers_on"]["micro_batch"] == 16  # the same plan, levers off

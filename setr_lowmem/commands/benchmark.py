@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from setr_lowmem.cli import run_main
-from setr_lowmem.config import benchmark_rows, load_config
+from setr_lowmem.cli import prepare_environment, run_main
+from setr_lowmem.config import load_config
+from setr_lowmem.memory.registry import benchmark_rows
 from setr_lowmem.sizing.measure import (
     benchmark_overrides,
     build_step,
@@ -44,7 +45,7 @@ from setr_lowmem.sizing.measure import (
 )
 from setr_lowmem.sizing.meters import memory_timeline_png, record_snapshot
 
-# (row name, overrides added to every row before it, GPU only): from the config fields' lever facts
+# (row name, overrides added to every row before it, GPU only): from the techniques' levers
 ROWS = benchmark_rows()
 
 
@@ -161,6 +162,7 @@ def main() -> None:
     if refusal(args):
         print(f"error: {refusal(args)}", file=sys.stderr)
         sys.exit(2)
+    prepare_environment()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"

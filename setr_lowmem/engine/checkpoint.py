@@ -30,10 +30,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from setr_lowmem.config import (Config, config_from_dict, config_from_text, config_to_dict, diff_configs, may_change_on_resume,
-                                save_config)
+from setr_lowmem.config import Config, config_from_dict, config_from_text, config_to_dict, diff_configs, save_config
 from setr_lowmem.errors import SetrError
 from setr_lowmem.memory.checkpointing import WRAPPER
+from setr_lowmem.memory.registry import resumable_keys
 from setr_lowmem.model.encoder import shape_mismatch
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,25 @@ CHANGEABLE = ("optim.lr", "optim.head_lr_mult", "optim.momentum", "optim.weight_
               "schedule.iters", "schedule.min_lr", "schedule.power", "loss.main_weight", "loss.aux_weight")
 
 
+# What may differ on resume without a word: names, paths, logging and checkpoint cadence, data
+# loading, the micro-batch (accumulation keeps the effective batch) and the whole evaluation
+# protocol (a section: all its keys); besides these, the memory techniques' keys that change
+# throughput only (`memory.registry.resumable_keys`: checkpointing, the attention kernel).
+RESUMABLE = ("name", "data.root", "data.num_workers", "train.micro_batch", "train.out_dir", "train.log_every",
+             "train.log_with", "train.val_every", "train.ckpt_every", "train.keep_last", "train.save_best",
+             "train.max_bad_steps", "train.val_max_images", "eval")
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether a run may resume with another value of `key` (or of the section it is in)."""
+    parts = key.split(".")
+    keys = set(RESUMABLE) | resumable_keys()
+    return any(".".join(parts[:i]) in keys for i in range(1, len(parts) + 1))
+
+
 def check_compatible(path: Path, cfg: Config, allow: tuple[str, ...] = ()) -> list[str]:
     """A resume whose config differs from the checkpoint's in what is trained is an error that lists
-    the differences; the keys whose fields say `may_change_on_resume` may differ, and the keys of
+    the differences; the keys `may_change_on_resume` accepts may differ, and the keys of
     `allow` (from `CHANGEABLE`) are deliberate changes, returned as 'key: old -> new' lines."""
     bad = [k for k in allow if k not in CHANGEABLE]
     if bad:

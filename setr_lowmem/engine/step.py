@@ -5,8 +5,8 @@
     accelerate's accumulation; then one optimizer step (or the skip of a non-finite one)
     and one lr step.
 
-`build_for_training` is where the memory techniques meet the plain model, in a fixed order
-(see its docstring); `prepare_step` hands the result to accelerate (and DeepSpeed, when a ZeRO
+`build_for_training` is where the memory techniques meet the plain model, each applied by its
+entry in `memory.registry`, in their order; `prepare_step` hands the result to accelerate (and DeepSpeed, when a ZeRO
 stage is configured) exactly as training does, so that what the planner measures is what
 training will run.
 """
@@ -27,13 +27,11 @@ from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroup
 from setr_lowmem.compat import BatchNormBase, reset_accelerate_state
 from setr_lowmem.config import Config, ConfigError
 from setr_lowmem.engine.schedule import build_scheduler
-from setr_lowmem.memory.checkpointing import apply_activation_checkpointing
-from setr_lowmem.memory.decoder import apply_decoder_rewrites
 from setr_lowmem.memory.deepspeed import (check_deepspeed, clear_stale_build_locks, deepspeed_config,
                                           prepare_single_process_env)
-from setr_lowmem.memory.kernels import apply_channels_last, apply_compiled_convs
 from setr_lowmem.memory.optim import build_optimizer, expected_optimizer_class
-from setr_lowmem.memory.precision import apply_attention_kernel, apply_fp32_batchnorm, autocast_factory, input_dtype
+from setr_lowmem.memory.precision import autocast_factory, input_dtype
+from setr_lowmem.memory.registry import techniques
 from setr_lowmem.model import build_setr
 from setr_lowmem.model.loss import SegmentationLoss
 
@@ -116,37 +114,23 @@ def reset_accelerate() -> None:
 
 
 def build_for_training(cfg: Config, world: int = 1, device: torch.device | None = None):
-    """(SETR with its loss, optimizer): the model built plain, then each technique applied in order.
+    """(SETR with its loss, optimizer): the model built plain, then each technique's `apply` in the
+    registry's order (`python -m setr_lowmem.memory.registry` lists it; each entry says why it sits
+    where it does):
 
-    - decoder rewrites first: they choose which ops exist (classifier order, fused loss);
+    - the decoder's rewrites first: they choose which ops exist (classifier order, fused loss);
     - the attention kernel before checkpointing, so recomputation replays the same kernel;
     - activation checkpointing before SyncBN and the BatchNorm precision: both replace modules
       or their forward, and must act on the modules inside the checkpoint wrappers;
     - channels-last and compiled conv units last: they act on the final modules' weights and code.
+
+    8-bit optimizer states take effect in `build_optimizer`, DeepSpeed in `prepare_step`.
     """
-    model = build_setr(cfg)
-    train_module = SegmentationLoss(model, cfg.loss)
-    apply_decoder_rewrites(train_module, cfg.memory)
-    apply_attention_kernel(model, cfg.memory.attention)
-    apply_activation_checkpointing(train_module, cfg.memory)
-    if world > 1 and cfg.train.sync_bn:
-        if device is not None and device.type == "cuda":
-            model = train_module.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            log.info("BatchNorm synchronised across %d processes", world)
-        else:
-            log.warning("train.sync_bn: SyncBatchNorm needs GPUs; BatchNorm statistics stay per process")
-    if cfg.memory.precision == "bf16_weights":
-        apply_fp32_batchnorm(model)
-    if cfg.memory.channels_last and cfg.optim.bits == 8:
-        # bitsandbytes makes every parameter contiguous at its first step: the weights would change
-        # layout after step 1, and a resumed run (built channels-last) would convolve differently
-        log.info("channels-last decoder weights: not applied with 8-bit optimizer states (bitsandbytes "
-                 "keeps parameters contiguous); the convolutions' inputs stay channels-last")
-    elif cfg.memory.channels_last:
-        apply_channels_last(model)
-    if cfg.memory.compile_convs:
-        apply_compiled_convs(model)
-    return train_module, build_optimizer(model, cfg.optim)
+    train_module = SegmentationLoss(build_setr(cfg), cfg.loss)
+    for technique in techniques():
+        if technique.apply is not None:
+            technique.apply(train_module, cfg, world, device)
+    return train_module, build_optimizer(train_module.model, cfg.optim)
 
 
 @dataclass

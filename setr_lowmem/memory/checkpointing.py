@@ -26,7 +26,8 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from setr_lowmem.compat import BatchNormBase, CheckpointImpl, checkpoint_wrapper
-from setr_lowmem.config import MemoryConfig
+from setr_lowmem.config import Config, MemoryConfig
+from setr_lowmem.memory.registry import Lever, PlanChoice, Technique
 from setr_lowmem.model.loss import SegmentationLoss
 
 log = logging.getLogger(__name__)
@@ -118,3 +119,26 @@ def apply_activation_checkpointing(train_module: SegmentationLoss, cfg: MemoryCo
              policy, what, done["blocks"], done["neck"], done["heads"])
     return done
 
+
+
+# The policies from the fastest (nothing recomputed) to the most frugal: the planner's order.
+POLICIES = ("none", "selective", "blocks", "full")
+
+
+def _apply(train_module: SegmentationLoss, cfg: Config, world: int, device: torch.device | None) -> None:
+    apply_activation_checkpointing(train_module, cfg.memory)
+
+
+# After the attention kernel (recomputation replays the kernel chosen), before SyncBN and the
+# BatchNorm precision (they replace modules or their forward, and must reach inside the wrappers).
+# The forecast computes it: its fake step recomputes as training does. Changing it on resume
+# changes memory and time, not what is trained.
+TECHNIQUES = [Technique(
+    "activation checkpointing", keys=("memory.checkpointing", "memory.every_k"), order=30, apply=_apply,
+    off={"memory.checkpointing": "none"},
+    levers=(Lever(3, "blocks", {"memory.checkpointing": "blocks", "memory.every_k": 1}),
+            Lever(4, "head+loss", {"memory.checkpointing": "full"})),
+    plan=PlanChoice(1, tuple({"memory.checkpointing": p, "memory.every_k": 1} for p in POLICIES),
+                    label=lambda cfg: f"checkpointing {cfg.memory.checkpointing}"),
+    resumable=("memory.checkpointing", "memory.every_k"),
+)]

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from setr_lowmem.compat import FakeTensor
-from setr_lowmem.config import LossConfig
+from setr_lowmem.config import Config, LossConfig
+from setr_lowmem.memory.registry import Lever, Technique
 from setr_lowmem.model.heads import MLAHead, UpHead, Upsample, upsample
 from setr_lowmem.model.loss import HeadLoss, seg_cross_entropy
 
@@ -231,3 +232,52 @@ def upsample_cross_entropy(low: torch.Tensor, labels: torch.Tensor, ignore_index
     if rows >= labels.shape[-2]:  # one band is the whole image: the plain ops are the same and cheaper
         return seg_cross_entropy(low, labels, ignore_index, avg_non_ignore)
     return _UpsampleCrossEntropy.apply(low, labels, ignore_index, denom, rows)
+
+
+# ---- the registry's entries -----------------------------------------------------------------
+# The decoder's rewrites come first in `build_for_training`: they choose which operations exist
+# (the classifier's place, the loss's criterion), which the techniques after them then wrap.
+
+def _apply_classifier_first(train_module: nn.Module, cfg: Config, world: int, device: torch.device | None) -> None:
+    if cfg.memory.classifier_first:
+        apply_classifier_first(train_module.model)
+
+
+def _apply_fused_loss(train_module: nn.Module, cfg: Config, world: int, device: torch.device | None) -> None:
+    if cfg.memory.fused_upsample_loss:
+        apply_fused_upsample_loss(train_module, cfg.memory.fused_upsample_backend)
+
+
+def _apply_matmul_backward(train_module: nn.Module, cfg: Config, world: int, device: torch.device | None) -> None:
+    if cfg.memory.upsample_backward == "matmul":
+        apply_matmul_upsample_backward(train_module.model)
+
+
+def _simulate_fused_loss(cfg: Config, cuda: bool) -> tuple[dict, str]:
+    """The fake step runs the backend a GPU (`cuda`) or the CPU would pick for 'auto': the Triton
+    operators through their fake implementations (`fused_ce_op`), or the PyTorch bands."""
+    m = cfg.memory
+    if not m.fused_upsample_loss:
+        return {}, ""
+    triton = m.fused_upsample_backend == "triton" or (cuda and m.fused_upsample_backend == "auto")
+    return {"memory.fused_upsample_backend": "triton" if triton else "torch"}, "fused loss: " + (
+        "the Triton operators' fake kernels (same outputs and temporaries)" if triton else "PyTorch bands")
+
+
+TECHNIQUES = [
+    Technique("classifier before the last upsample", keys=("memory.classifier_first",), order=10,
+              apply=_apply_classifier_first, off={"memory.classifier_first": False},
+              levers=(Lever(5, "classifier first", {"memory.classifier_first": True}),),
+              perf={"memory.classifier_first": (True, True)}),
+    Technique("upsample fused into the loss", keys=("memory.fused_upsample_loss", "memory.fused_upsample_backend"),
+              order=11, apply=_apply_fused_loss, simulate=_simulate_fused_loss,
+              off={"memory.fused_upsample_loss": False},
+              levers=(Lever(6, "fused upsample+CE", {"memory.fused_upsample_loss": True,
+                                                     "memory.fused_upsample_backend": "torch"}),
+                      Lever(7, "Triton fused loss", {"memory.fused_upsample_backend": "triton"}, gpu_only=True)),
+              perf={"memory.fused_upsample_loss": (True, False), "memory.fused_upsample_backend": ("auto", None)}),
+    Technique("matrix-product upsample backward", keys=("memory.upsample_backward",), order=12,
+              apply=_apply_matmul_backward,
+              levers=(Lever(8, "matmul upsample bwd", {"memory.upsample_backward": "matmul"}),),
+              perf={"memory.upsample_backward": ("matmul", "stock")}),
+]

@@ -30,6 +30,9 @@ import torch
 from setr_lowmem.compat import extension_loader_waits_on_lock_files
 from setr_lowmem.config import Config
 from setr_lowmem.errors import SetrError
+from setr_lowmem.memory.optim import STEP_BYTES
+from setr_lowmem.memory.registry import Accounting, Lever, PlanChoice, StepCost, Technique
+from setr_lowmem.sizing.meters import GIB
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +193,103 @@ def check_deepspeed(accelerator, prepared_optimizer, expected: type, cfg: Config
         msg = f"optimizer {type(used).__name__} in use (no DeepSpeed)"
     log.info(msg)
     return msg
+
+
+# ---- the registry's entry: what the forecast accounts, what the planner may choose ------------
+
+def zero2_buffers(sizes: list[int], offload: bool, width: int) -> dict[str, float]:
+    """GiB that ZeRO-2 with contiguous gradients keeps on one GPU for parameters of `sizes` values
+    in `width`-byte weights: a reduction bucket of `BUCKET` values ('bucket'), then either a buffer
+    the size of the largest parameter on the way to the host (optimizer offload) or a flat partition
+    of every gradient ('gradients'), and without offload a float32 master copy of fp32 weights
+    ('masters'; bf16 weights count theirs already). Not counted: the flat gradient copy that the
+    step makes without offload. Checked against a real engine by `tests/zero2_buffers.py`."""
+    return {"bucket": BUCKET * width / GIB,
+            "gradients": (max(sizes) if offload else sum(sizes)) * width / GIB,
+            "masters": 0.0 if offload or width == 2 else sum(sizes) * 4 / GIB}
+
+
+def _simulate(cfg: Config, cuda: bool) -> tuple[dict, str]:
+    """The fake step runs without DeepSpeed; what ZeRO moves or adds is accounted."""
+    ds = cfg.memory.deepspeed
+    buckets = {0: "", 1: "; its gradient bucket and flat partitions not accounted (predicted low)",
+               2: "; its gradient bucket and buffers from DeepSpeed's sizes",
+               3: "; its prefetch and gradient buckets not accounted (predicted low)"}[ds.stage]
+    host = " (optimizer states on the host)" if ds.offload_optimizer else ""
+    note = f"ZeRO-{ds.stage}: accounted{host}{buckets}" if ds.stage else ""
+    return {"memory.deepspeed.stage": 0, "memory.deepspeed.offload_optimizer": False,
+            "memory.deepspeed.offload_params": False}, note
+
+
+def _account_offloaded_states(cfg: Config, sizes: list[int], categories: dict[str, float],
+                              computed: dict[str, float]) -> float:
+    """Optimizer offload: the states (and the step) live on the host."""
+    ds = cfg.memory.deepspeed
+    if not (ds.stage and ds.offload_optimizer):
+        return 0.0
+    delta = -categories.get("optimizer", 0.0)
+    categories["optimizer"] = 0.0
+    return delta
+
+
+def _account_offloaded_params(cfg: Config, sizes: list[int], categories: dict[str, float],
+                              computed: dict[str, float]) -> float:
+    """ZeRO-3 parameter offload: the GPU holds only the layers in use (prefetch buckets: not counted)."""
+    ds = cfg.memory.deepspeed
+    if not (ds.stage == 3 and ds.offload_params):
+        return 0.0
+    delta = -(categories.get("params", 0.0) + categories.get("grads", 0.0))
+    categories["params"] = categories["grads"] = 0.0
+    return delta
+
+
+def _account_zero2_buffers(cfg: Config, sizes: list[int], categories: dict[str, float],
+                           computed: dict[str, float]) -> float:
+    """DeepSpeed's stage-2 optimizer (zero/stage_1_and_2.py) as `deepspeed_config` configures it: the
+    bucket lives from a backward's first gradient to its end; the flat partition from the first
+    full bucket (or the end of a backward, for a model smaller than one) to the step."""
+    ds = cfg.memory.deepspeed
+    if ds.stage != 2:
+        return 0.0
+    buffers = zero2_buffers(sizes, ds.offload_optimizer, 2 if cfg.memory.precision == "bf16_weights" else 4)
+    computed_values = computed.get("grads", 0.0) * GIB / 4  # gradient values at the fake step's peak (float32)
+    grads = (buffers["bucket"] if computed_values > 0 else 0.0) + (
+        buffers["gradients"] if ds.offload_optimizer or computed_values >= min(BUCKET, sum(sizes)) else 0.0)
+    delta = grads - categories.get("grads", 0.0) + buffers["masters"]
+    categories["grads"] = grads
+    categories["optimizer"] = categories.get("optimizer", 0.0) + buffers["masters"]
+    return delta
+
+
+def _speed(cfg: Config, sizes: list[int], accumulation: int) -> StepCost | None:
+    """Optimizer offload: gradients cross PCIe after every micro-batch and the weights come back after
+    the step, which the host runs over float32 masters; the GPU runs no optimizer kernel."""
+    ds = cfg.memory.deepspeed
+    if not (ds.stage and ds.offload_optimizer):
+        return None
+    width = 2 if cfg.memory.precision == "bf16_weights" else 4
+    return StepCost(optimizer=[], link_bytes=sum(sizes) * width * (accumulation + 1),
+                    host_bytes=sum(sizes) * STEP_BYTES[(cfg.optim.name, 32)])
+
+
+def _without_8bit(chosen: dict) -> bool:
+    """Offloaded states live on the host: 8-bit states buy no GPU memory there."""
+    return not (chosen.get("memory.deepspeed.offload_optimizer") and chosen.get("optim.bits") == 8)
+
+
+# DeepSpeed takes effect in accelerate's prepare (the plugin from `engine.step.make_accelerator`).
+# The forecast's accountings run around the bf16 weights' (order 30): the offloads before it (where
+# the masters live), ZeRO-2's buffers after (as wide as the weights).
+TECHNIQUES = [Technique(
+    "DeepSpeed ZeRO", keys=("memory.deepspeed.stage", "memory.deepspeed.offload_optimizer",
+                            "memory.deepspeed.offload_params"),
+    order=56, takes_effect="accelerate's prepare (make_accelerator)", simulate=_simulate,
+    accounting=(Accounting(20, _account_offloaded_states), Accounting(25, _account_offloaded_params),
+                Accounting(40, _account_zero2_buffers)),
+    speed=_speed,
+    levers=(Lever(12, "ZeRO-2 offload", {"memory.deepspeed.stage": 2, "memory.deepspeed.offload_optimizer": True}),
+            Lever(13, "ZeRO-3 offload", {"memory.deepspeed.stage": 3, "memory.deepspeed.offload_params": True})),
+    plan=PlanChoice(3, ({}, {"memory.deepspeed.stage": 2, "memory.deepspeed.offload_optimizer": True}),
+                    label=lambda cfg: "ZeRO-2 offload" if cfg.memory.deepspeed.stage and
+                    cfg.memory.deepspeed.offload_optimizer else "", gpu_only=(1,), allowed=_without_8bit),
+)]

@@ -13,15 +13,24 @@ tensors under `min_8bit_size` (4096 values: every bias and norm weight here) in 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
 
-from setr_lowmem.config import OptimConfig
+from setr_lowmem.config import Config, OptimConfig
 from setr_lowmem.memory.checkpointing import WRAPPER
+from setr_lowmem.memory.registry import Accounting, Lever, PlanChoice, StepCost, Technique
 from setr_lowmem.model.setr import is_head_parameter
+from setr_lowmem.sizing.meters import GIB
 
 log = logging.getLogger(__name__)
+
+BNB_MIN = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits (its `min_8bit_size`)
+BNB_BLOCK = 256  # values per float32 scale of a blockwise 8-bit state
+# bytes per value read and written by one optimizer step, weights and gradients float32: SGD with
+# momentum reads weight, gradient, momentum and writes weight, momentum; AdamW also its second moment
+STEP_BYTES = {("sgd", 32): 20, ("adamw", 32): 28, ("sgd", 8): 14, ("adamw", 8): 16}
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -66,3 +75,46 @@ def expected_optimizer_class(cfg: OptimConfig) -> type:
 
         return bnb.optim.SGD8bit if cfg.name == "sgd" else bnb.optim.AdamW8bit
     return torch.optim.SGD if cfg.name == "sgd" else torch.optim.AdamW
+
+
+# ---- the registry's entry -------------------------------------------------------------------
+# 8-bit states take effect where the optimizer is built (`build_optimizer`, after the model's
+# techniques). The forecast runs torch's 32-bit optimizer on fake tensors and accounts the 8-bit
+# states from bitsandbytes' documented layout; with ZeRO's optimizer offload the states live on
+# the host and nothing is accounted here.
+
+def _simulate(cfg: Config, cuda: bool) -> tuple[dict, str]:
+    return {"optim.bits": 32}, ("8-bit states: accounted (1 byte per value + a float32 scale per 256, tensors >= "
+                                "4096 values)" if cfg.optim.bits == 8 else "")
+
+
+def _account(cfg: Config, sizes: list[int], categories: dict[str, float], computed: dict[str, float]) -> float:
+    """The 8-bit states in place of the fake step's 32-bit ones: per state, a uint8 per value, a
+    float32 scale per block and a 256-entry float32 code book (tensors under `BNB_MIN`: 32-bit)."""
+    if cfg.optim.bits != 8 or cfg.memory.deepspeed.offload_optimizer:
+        return 0.0
+    per_value = {"sgd": 1, "adamw": 2}[cfg.optim.name]
+    eight = sum((n + math.ceil(n / BNB_BLOCK) * 4 + 1024) * per_value if n >= BNB_MIN
+                else n * 4 * per_value for n in sizes) / GIB
+    delta = eight - categories.get("optimizer", 0.0)
+    categories["optimizer"] = eight
+    return delta
+
+
+def _speed(cfg: Config, sizes: list[int], accumulation: int) -> StepCost | None:
+    """bitsandbytes steps each parameter with its own kernel, launched from Python."""
+    ds = cfg.memory.deepspeed
+    if cfg.optim.bits != 8 or (ds.stage and ds.offload_optimizer):
+        return None
+    name = cfg.optim.name
+    return StepCost(optimizer=[("none", 0, n * STEP_BYTES[(name, 8 if n >= BNB_MIN else 32)]) for n in sizes],
+                    python_steps=len(sizes))
+
+
+TECHNIQUES = [Technique(
+    "8-bit optimizer states", keys=("optim.bits",), order=55, takes_effect="the optimizer (build_optimizer)",
+    simulate=_simulate, accounting=(Accounting(10, _account),), speed=_speed,
+    off={"optim.bits": 32},
+    levers=(Lever(11, "8-bit SGD", {"optim.bits": 8}), Lever(12, "ZeRO-2 offload", {"optim.bits": 32})),
+    plan=PlanChoice(2, ({"optim.bits": 32}, {"optim.bits": 8}), label=lambda cfg: f"{cfg.optim.bits}-bit"),
+)]

@@ -23,6 +23,9 @@ from timm.layers import Attention
 from torch import nn
 
 from setr_lowmem.compat import BatchNormBase, SyncBatchNormFunction
+from setr_lowmem.config import Config
+from setr_lowmem.memory.registry import Accounting, Lever, Technique
+from setr_lowmem.sizing.meters import GIB
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +88,54 @@ def apply_fp32_batchnorm(model: nn.Module) -> int:
             n += 1
     log.info("BatchNorm in float32 under bf16 weights: %d layers", n)
     return n
+
+
+# ---- the registry's entries -----------------------------------------------------------------
+
+def _apply_attention(train_module: nn.Module, cfg: Config, world: int, device: torch.device | None) -> None:
+    apply_attention_kernel(train_module.model, cfg.memory.attention)
+
+
+def _apply_precision(train_module: nn.Module, cfg: Config, world: int, device: torch.device | None) -> None:
+    """bf16 autocast acts in the step (`autocast_factory`); bf16 weights are DeepSpeed's, with each
+    BatchNorm kept in float32 here."""
+    if cfg.memory.precision == "bf16_weights":
+        apply_fp32_batchnorm(train_module.model)
+
+
+def _simulate_precision(cfg: Config, cuda: bool) -> tuple[dict, str]:
+    """bf16 weights need DeepSpeed, which the fake step does not run: it runs bf16 autocast."""
+    if cfg.memory.precision != "bf16_weights":
+        return {}, ""
+    return {"memory.precision": "bf16"}, ("bf16 weights: run as bf16 autocast, weights and gradients accounted at "
+                                          "2 bytes plus fp32 masters")
+
+
+def _account_bf16_weights(cfg: Config, sizes: list[int], categories: dict[str, float],
+                          computed: dict[str, float]) -> float:
+    """Weights and gradients at 2 bytes a value, and (unless ZeRO offloads the optimizer) DeepSpeed's
+    float32 master copies beside the optimizer states."""
+    if cfg.memory.precision != "bf16_weights":
+        return 0.0
+    half = sum(sizes) * 2 / GIB
+    masters = 0.0 if cfg.memory.deepspeed.offload_optimizer else 2 * half  # fp32 copies of the bf16 weights
+    delta = (half - categories.get("params", 0.0)) + (half - categories.get("grads", 0.0)) + masters
+    categories["params"], categories["grads"] = half, half
+    categories["optimizer"] = categories.get("optimizer", 0.0) + masters
+    return delta
+
+
+# The attention kernel comes before activation checkpointing, so that recomputation replays the
+# same kernel; it changes time and memory, not what is trained, so a run may resume with another.
+# The BatchNorm precision of bf16 weights comes after checkpointing and SyncBN (it replaces the
+# forward of the final BatchNorm modules); its accounting after ZeRO's offload (which decides
+# where the master copies live) and before ZeRO-2's buffers (which are as wide as the weights).
+TECHNIQUES = [
+    Technique("attention kernel", keys=("memory.attention",), order=20, apply=_apply_attention,
+              off={"memory.attention": "eager"}, levers=(Lever(2, "sdpa", {"memory.attention": "sdpa"}),),
+              perf={"memory.attention": ("sdpa", "sdpa")}, resumable=("memory.attention",)),
+    Technique("precision", keys=("memory.precision",), order=50, apply=_apply_precision,
+              simulate=_simulate_precision, accounting=(Accounting(30, _account_bf16_weights),),
+              off={"memory.precision": "fp32"}, levers=(Lever(1, "bf16", {"memory.precision": "bf16"}),),
+              perf={"memory.precision": ("bf16", "bf16")}),
+]

@@ -6,17 +6,19 @@ The model is built as training builds it, with every technique applied (`engine.
 CPU; its weights then become fake tensors (PyTorch's FakeTensorMode: shapes, dtypes and
 storage sizes, no data, no arithmetic) and one training step, a warm-up step first so that the
 optimizer states exist, runs on fake images under PyTorch's MemTracker, the tracker that the
-profiler and the benchmark use on real tensors. What is computed, and what is accounted:
+profiler and the benchmark use on real tensors. Each technique's entry (`memory.registry`) says
+whether the fake step computes it or what it runs instead (`simulate`) and accounts (`accounting`):
 
 - computed: parameters, gradients, SGD/AdamW states, activations and temporaries, for every
   checkpointing policy (recomputation included), bf16 autocast (CUDA's rules where they differ
   from the CPU's, `setr_lowmem.sizing.cuda_rules`; the CPU's for a CPU forecast),
   the decoder rewrites (the fused loss's Triton kernels through their operators' fake
   implementations, `memory.fused_ce_op`; its PyTorch bands as they run);
-- accounted from documented byte counts: bitsandbytes' 8-bit states (one byte per value, a
-  float32 scale per 256 and a 256-entry code book, for tensors of 4096 values or more), ZeRO-2's
-  offloaded optimizer (its states and fp32 master copies leave the GPU), ZeRO-2's gradient bucket
-  and buffers (DeepSpeed's sizes, checked against a real engine) and bf16 weights;
+- accounted from documented byte counts, each in its technique's module: bitsandbytes' 8-bit
+  states (one byte per value, a float32 scale per 256 and a 256-entry code book, for tensors of
+  4096 values or more; `memory.optim`), ZeRO-2's offloaded optimizer (its states and fp32 master
+  copies leave the GPU), ZeRO-2's gradient bucket and buffers (DeepSpeed's sizes, checked against
+  a real engine; `memory.deepspeed`) and bf16 weights (`memory.precision`);
 - added as constants with their source (`Overheads`): cuBLAS's and cuBLASLt's workspaces (in
   the allocated figure: PyTorch takes them from its caching allocator), the allocator's reserve
   over allocated (measured ratios of `setr_lowmem.sizing.reference`), and the CUDA context (device-level).
@@ -25,7 +27,6 @@ profiler and the benchmark use on real tensors. What is computed, and what is ac
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from unittest import mock
@@ -33,18 +34,15 @@ from unittest import mock
 import torch
 
 from setr_lowmem.compat import FakeTensorMode
-from setr_lowmem.config import Config, with_overrides, without_initial_weights
+from setr_lowmem.config import Config, replace_keys, without_initial_weights
 from setr_lowmem.engine.step import build_for_training
 from setr_lowmem.memory import decoder
-from setr_lowmem.memory.deepspeed import BUCKET
 from setr_lowmem.memory.optim import build_optimizer
+from setr_lowmem.memory.registry import techniques
 from setr_lowmem.sizing import reference
 from setr_lowmem.sizing.cuda_rules import cuda_rules
-from setr_lowmem.sizing.meters import GIB, breakdown_step
+from setr_lowmem.sizing.meters import breakdown_step
 from setr_lowmem.sizing.speed import OpCounter, OpCounts, StepCounts, configured_counts
-
-BNB_MIN = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits
-BNB_BLOCK = 256  # values per float32 scale of a blockwise 8-bit state
 
 
 @dataclass(frozen=True)
@@ -113,31 +111,17 @@ def _fake_module(module: torch.nn.Module, mode: FakeTensorMode, device: str = "c
 
 
 def simulated(cfg: Config, cuda: bool = True) -> tuple[Config, list[str]]:
-    """The configuration the fake step runs, and what is accounted instead of run. `cuda`: predict
-    the step a GPU runs (the fused loss's 'auto' backend is Triton there), else the CPU's."""
-    m, notes, over = cfg.memory, [], ["memory.deepspeed.stage=0", "memory.deepspeed.offload_optimizer=false",
-                                      "memory.deepspeed.offload_params=false", "optim.bits=32",
-                                      "memory.compile_convs=false"]
-    if m.fused_upsample_loss:
-        backend = "triton" if m.fused_upsample_backend == "triton" or (cuda and m.fused_upsample_backend == "auto") \
-            else "torch"
-        over.append(f"memory.fused_upsample_backend={backend}")
-        notes.append("fused loss: " + ("the Triton operators' fake kernels (same outputs and temporaries)"
-                                       if backend == "triton" else "PyTorch bands"))
-    if m.precision == "bf16_weights":
-        over.append("memory.precision=bf16")
-        notes.append("bf16 weights: run as bf16 autocast, weights and gradients accounted at 2 bytes plus fp32 masters")
-    if cfg.optim.bits == 8:
-        notes.append("8-bit states: accounted (1 byte per value + a float32 scale per 256, tensors >= 4096 values)")
-    if m.deepspeed.stage:
-        notes.append(f"ZeRO-{m.deepspeed.stage}: accounted" + (" (optimizer states on the host)"
-                                                                if m.deepspeed.offload_optimizer else "")
-                     + {2: "; its gradient bucket and buffers from DeepSpeed's sizes",
-                        1: "; its gradient bucket and flat partitions not accounted (predicted low)",
-                        3: "; its prefetch and gradient buckets not accounted (predicted low)"}[m.deepspeed.stage])
-    if m.compile_convs:
-        notes.append("compiled conv units: predicted as eager (fusion saves temporaries only)")
-    return with_overrides(without_initial_weights(cfg), over), notes
+    """The configuration the fake step runs (each technique's `simulate`: what it runs instead), and
+    the notes on what is accounted instead of run. `cuda`: predict the step a GPU runs (the fused
+    loss's 'auto' backend is Triton there), else the CPU's."""
+    changes: dict = {}
+    notes = []
+    for technique in techniques():
+        if technique.simulate is not None:
+            values, note = technique.simulate(cfg, cuda)
+            changes.update(values)
+            notes += [note] if note else []
+    return replace_keys(without_initial_weights(cfg), changes), notes
 
 
 def forecast(cfg: Config, label: str = "", cuda: bool = True, plain_loop: bool = False) -> Forecast:
@@ -241,50 +225,10 @@ def _fake_step(sim: Config, cuda: bool, plain_loop: bool = False
 
 def _accounted(cfg: Config, sizes: list[int], categories: dict[str, float]) -> float:
     """GiB to add to the computed peak (negative: to remove) for what the fake step did not run
-    (`sizes`: the trained parameters' element counts); updates `categories` to match."""
-    ds, delta = cfg.memory.deepspeed, 0.0
-    grads_at_peak = categories.get("grads", 0.0)
-    states = categories.get("optimizer", 0.0)
-    if cfg.optim.bits == 8 and not ds.offload_optimizer:
-        per_value = {"sgd": 1, "adamw": 2}[cfg.optim.name]
-        # per state: a uint8 per value, a float32 scale per block, a 256-entry float32 code book
-        eight = sum((n + math.ceil(n / BNB_BLOCK) * 4 + 1024) * per_value if n >= BNB_MIN
-                    else n * 4 * per_value for n in sizes) / GIB
-        delta += eight - states
-        categories["optimizer"] = eight
-    if ds.stage and ds.offload_optimizer:
-        delta -= categories.get("optimizer", 0.0)
-        categories["optimizer"] = 0.0
-    if ds.stage == 3 and ds.offload_params:  # the GPU holds only the layers in use (prefetch buckets: not counted)
-        delta -= categories.get("params", 0.0) + categories.get("grads", 0.0)
-        categories["params"] = categories["grads"] = 0.0
-    bf16_weights = cfg.memory.precision == "bf16_weights"
-    if bf16_weights:
-        half = sum(sizes) * 2 / GIB
-        masters = 0.0 if ds.offload_optimizer else 2 * half  # fp32 copies of the bf16 weights
-        delta += (half - categories.get("params", 0.0)) + (half - categories.get("grads", 0.0)) + masters
-        categories["params"], categories["grads"] = half, half
-        categories["optimizer"] = categories.get("optimizer", 0.0) + masters
-    if ds.stage == 2:  # DeepSpeed's stage-2 optimizer (zero/stage_1_and_2.py) as `memory.deepspeed` configures it
-        buffers = zero2_buffers(sizes, ds.offload_optimizer, 2 if bf16_weights else 4)
-        computed = grads_at_peak * GIB / 4  # gradient values at the fake step's peak (float32 there)
-        # the bucket lives from a backward's first gradient to its end; the flat partition from the
-        # first full bucket (or the end of a backward, for a model smaller than one) to the step
-        grads = (buffers["bucket"] if computed > 0 else 0.0) + (
-            buffers["gradients"] if ds.offload_optimizer or computed >= min(BUCKET, sum(sizes)) else 0.0)
-        delta += grads - categories.get("grads", 0.0) + buffers["masters"]
-        categories["grads"] = grads
-        categories["optimizer"] = categories.get("optimizer", 0.0) + buffers["masters"]
+    (`sizes`: the trained parameters' element counts): every technique's `accounting`, in their
+    order, each updating `categories` for the next."""
+    computed = dict(categories)
+    delta = 0.0
+    for accounting in sorted((a for t in techniques() for a in t.accounting), key=lambda a: a.order):
+        delta += accounting.gib(cfg, sizes, categories, computed)
     return delta
-
-
-def zero2_buffers(sizes: list[int], offload: bool, width: int) -> dict[str, float]:
-    """GiB that ZeRO-2 with contiguous gradients keeps on one GPU for parameters of `sizes` values
-    in `width`-byte weights: a reduction bucket of `BUCKET` values ('bucket'), then either a buffer
-    the size of the largest parameter on the way to the host (optimizer offload) or a flat partition
-    of every gradient ('gradients'), and without offload a float32 master copy of fp32 weights
-    ('masters'; bf16 weights count theirs already). Not counted: the flat gradient copy that the
-    step makes without offload."""
-    return {"bucket": BUCKET * width / GIB,
-            "gradients": (max(sizes) if offload else sum(sizes)) * width / GIB,
-            "masters": 0.0 if offload or width == 2 else sum(sizes) * 4 / GIB}

@@ -4,11 +4,12 @@
     setr-plan --cfg pup_ade20k.yaml --measure [--budget-gib 24]         on the GPU at hand
     setr-train --cfg pup_ade20k.yaml --auto-fit 24                      measure, then train with the plan
 
-A plan is a micro-batch (a divisor of `train.total_batch`; accumulation makes up the rest),
-an activation-checkpointing policy, 32- or 8-bit optimizer states, and (on a GPU) ZeRO-2
-with the optimizer offloaded to the CPU. For each technique set, micro-batches are tried from
-the largest down until one fits; the fastest plan that fits wins (plans within 5% of it count
-as equally fast, and the one of them with the most memory to spare is chosen).
+A plan is a micro-batch (a divisor of `train.total_batch`; accumulation makes up the rest) and
+a choice for each technique whose registry entry offers one (`memory.registry.PlanChoice`): an
+activation-checkpointing policy, 32- or 8-bit optimizer states, and (on a GPU) ZeRO-2 with the
+optimizer offloaded to the CPU. For each technique set, micro-batches are tried from the largest
+down until one fits; the fastest plan that fits wins (plans within 5% of it count as equally
+fast, and the one of them with the most memory to spare is chosen).
 
 Two modes share this module and one table (`summary`):
 
@@ -28,63 +29,108 @@ among techniques too.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from setr_lowmem.config import Config, ConfigError, with_overrides
+from setr_lowmem.config import Config, ConfigError, replace_keys
+from setr_lowmem.memory.checkpointing import POLICIES
+from setr_lowmem.memory.registry import PlanChoice, override, plan_choices
 from setr_lowmem.sizing.cards import CARDS, DRIVER_SHARE, Card
 from setr_lowmem.sizing.measure import Measurement, measure, memory_cap, set_memory_cap
 
 log = logging.getLogger(__name__)
 
 
+Settings = tuple[tuple[str, Any], ...]  # (config key, value) pairs: hashable, in the choices' order
+
+
 @dataclass(frozen=True)
 class Plan:
+    """A micro-batch and the values chosen for the techniques (`settings`), or the config's own
+    (`as_configured`: nothing overridden)."""
+
     micro_batch: int
-    checkpointing: str
-    bits: int
-    offload: bool
-    as_configured: bool = False  # the config's own settings, nothing overridden
+    settings: Settings = ()
+    as_configured: bool = False
+
+    @staticmethod
+    def of(micro_batch: int, settings: dict[str, Any]) -> Plan:
+        """`Plan.of(8, {"memory.checkpointing": "full", "optim.bits": 8})`."""
+        return Plan(micro_batch, tuple(settings.items()))
+
+    @staticmethod
+    def configured(cfg: Config) -> Plan:
+        """The config as it is, described as a plan."""
+        return Plan(cfg.train.micro_batch, as_configured=True)
+
+    def changes(self) -> dict[str, Any]:
+        """The config values the plan sets ({} as configured)."""
+        return {} if self.as_configured else {"train.micro_batch": self.micro_batch, **dict(self.settings)}
 
     def overrides(self) -> list[str]:
-        """The plan as config overrides: what is printed and what is applied (`apply_plan`)."""
-        if self.as_configured:
-            return []
-        out = [f"train.micro_batch={self.micro_batch}", f"memory.checkpointing={self.checkpointing}",
-               "memory.every_k=1", f"optim.bits={self.bits}"]
-        if self.offload:
-            out += ["memory.deepspeed.stage=2", "memory.deepspeed.offload_optimizer=true"]
-        return out
+        """The plan as the command line's overrides: what is printed to paste."""
+        return [override(k, v) for k, v in self.changes().items()]
 
     def describe(self, cfg: Config) -> str:
+        """'micro-batch 8 x 2, checkpointing full, 32-bit': the micro-batch and accumulation, then how
+        each technique with a planner choice reads in the planned config (`PlanChoice.label`)."""
         planned = apply_plan(cfg, self)
-        return ("as configured: " if self.as_configured else "") + (f"micro-batch {self.micro_batch} x {planned.train.accumulation()}, checkpointing {self.checkpointing}, "
-                f"{self.bits}-bit" + (", ZeRO-2 offload" if self.offload else ""))
+        labels = [label for choice in plan_choices() if (label := choice.label(planned))]
+        return ("as configured: " if self.as_configured else "") + ", ".join(
+            [f"micro-batch {self.micro_batch} x {planned.train.accumulation()}", *labels])
 
 
-POLICIES = ("none", "selective", "blocks", "full")
+def _value(cfg: Config, key: str) -> Any:
+    """The value of dotted `key` in `cfg`."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
-def technique_sets(cfg: Config, cuda: bool, offload: bool | None = None,
-                   policies: tuple[str, ...] = POLICIES) -> list[tuple[str, int, bool]]:
-    """(checkpointing, bits, offload), roughly from fastest to most frugal; `offload` None: both
-    without and (on a GPU) with ZeRO-2 offload, else only that."""
+def technique_sets(cfg: Config, cuda: bool, only: dict[str, tuple] | None = None) -> list[Settings]:
+    """Every combination of the techniques' planner choices, roughly from fastest to most frugal:
+    the first choice (checkpointing) varies fastest. `only` narrows a key to some values (an option
+    that leaves a key alone has the config's value); an option that needs a GPU is left out on a
+    CPU unless `only` names one of its keys."""
+    choices = plan_choices()
     out = []
-    for off in ([False, True] if cuda else [False]) if offload is None else [offload]:
-        for bits in (32, 8):
-            if off and bits == 8:
-                continue  # offloaded states live on the host: 8-bit buys no GPU memory there
-            for policy in policies:
-                out.append((policy, bits, off))
+    for picked in itertools.product(*(_options(c, cfg, cuda, only or {}) for c in reversed(choices))):
+        chosen = {k: v for option in reversed(picked) for k, v in option.items()}
+        if all(choice.allowed(chosen) for choice in choices):
+            out.append(tuple(chosen.items()))
     return out
 
 
+def _options(choice: PlanChoice, cfg: Config, cuda: bool, only: dict[str, tuple]) -> list[dict[str, Any]]:
+    """The options of `choice` that `technique_sets` tries: those `only` allows, in its order."""
+    named = [k for k in only if any(k in option for option in choice.options)]
+
+    def values(option: dict[str, Any]) -> list[Any]:
+        return [option.get(k, _value(cfg, k)) for k in named]
+
+    kept = [o for i, o in enumerate(choice.options)
+            if all(v in only[k] for k, v in zip(named, values(o))) and (cuda or i not in choice.gpu_only or named)]
+    return sorted(kept, key=lambda o: [only[k].index(v) for k, v in zip(named, values(o))])
+
+
+def narrowed(offload: bool | None = None, policies: tuple[str, ...] = POLICIES) -> dict[str, tuple]:
+    """`technique_sets`' `only` for a set of checkpointing policies, and with or without ZeRO offload."""
+    only: dict[str, tuple] = {"memory.checkpointing": tuple(policies)}
+    if offload is not None:
+        only["memory.deepspeed.offload_optimizer"] = (offload,)
+    return only
+
+
 def apply_plan(cfg: Config, plan: Plan) -> Config:
-    return with_overrides(cfg, plan.overrides())
+    """`cfg` with the plan's values (typed: nothing is written out and parsed again)."""
+    return replace_keys(cfg, plan.changes())
 
 
 def peak_of(m: Measurement, cuda: bool) -> float:
@@ -107,7 +153,8 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
     cap = budget_gib if before is None else min(budget_gib, before)
     set_memory_cap(cap, device)  # a candidate over the budget fails fast instead of using the whole card
     try:
-        _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, technique_sets(cfg, cuda, offload, policies))
+        _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report,
+                technique_sets(cfg, cuda, narrowed(offload, policies)))
     finally:
         set_memory_cap(before, device)
     return pick(tried, cuda), tried
@@ -141,9 +188,9 @@ def _search(cfg, budget_gib, steps, sizes, device, cuda, tried, report, candidat
     started, most = time.time(), len(candidates) * len(sizes)  # at most: a set stops at its first fit
     if not cuda and cfg.model.embed_dim >= 768:
         report(f"  no GPU: each plan runs {steps} steps of the full-size model on the CPU, a minute or more each")
-    for policy, bits, offload in candidates:
+    for settings in candidates:
         for mb in sizes:
-            plan = Plan(mb, policy, bits, offload)
+            plan = Plan(mb, settings)
             m = measure(apply_plan(cfg, plan), label=plan.describe(cfg), steps=steps, device=device,
                         breakdown=not cuda, cap_gib=budget_gib if cuda else None)
             fits = m.fits and peak_of(m, cuda) <= budget_gib * (1 - MEASURED_MARGIN)
@@ -263,9 +310,7 @@ def _forecast_plans(cfg: Config, targets: list[Target], sizes: list[int], as_con
     from setr_lowmem.sizing.forecast import forecast
 
     if as_configured:
-        ds = cfg.memory.deepspeed
-        plan = Plan(cfg.train.micro_batch, cfg.memory.checkpointing, cfg.optim.bits,
-                    bool(ds.stage and ds.offload_optimizer), as_configured=True)
+        plan = Plan.configured(cfg)
         f = forecast(cfg)
         cats = ", ".join(f"{k} {v:.2f}" for k, v in f.categories.items() if v > 0.0005)
         report(f"  {plan.describe(cfg)}: allocated {f.allocated:.2f} GiB ({cats}); need {gib(f.device(True))} GiB "
@@ -275,9 +320,9 @@ def _forecast_plans(cfg: Config, targets: list[Target], sizes: list[int], as_con
         return [(plan, f)]
     out, started = [], time.time()
     report(f"  {'plan':<68} {'allocated':>9} {'need':>7} {'expected':>8}")
-    for policy, bits, offload in technique_sets(cfg, cuda=True):
+    for settings in technique_sets(cfg, cuda=True):
         for mb in sizes:
-            plan = Plan(mb, policy, bits, offload)
+            plan = Plan(mb, settings)
             f = forecast(apply_plan(cfg, plan))
             out.append((plan, f))
             report(f"  {plan.describe(cfg):<68} {f.allocated:9.2f} {gib(f.device(True)):>7} {gib(f.device()):>8}"

@@ -6,9 +6,10 @@ tensors, recomputation included (`sizing.forecast`). `OpCounter`, a `TorchDispat
 that step, records for each operator that launches a kernel its floating-point operations
 (PyTorch's own formulas, `torch.utils.flop_counter.flop_registry`, which work on fake tensors'
 shapes) and the bytes it reads and writes (its tensor inputs' and outputs' sizes and dtypes).
-What the fake step does not run is accounted by `configured_counts`: bitsandbytes' 8-bit
-optimizer step (one kernel per parameter over its bytes), and under ZeRO offload the gradients'
-and weights' trips across PCIe and the host's optimizer step.
+What the fake step does not run is accounted by `configured_counts` from each technique's `speed`
+(`memory.registry`): bitsandbytes' 8-bit optimizer step (one kernel per parameter over its
+bytes, `memory.optim`), and under ZeRO offload the gradients' and weights' trips across PCIe and
+the host's optimizer step (`memory.deepspeed`).
 
 **Timing.** Each operator takes the longer of its arithmetic at the card's dense peak for its
 dtype and its traffic at the card's memory bandwidth, each scaled by an efficiency, plus a fixed
@@ -39,6 +40,8 @@ import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from setr_lowmem.compat import TorchDispatchMode, tree_flatten
+from setr_lowmem.config import Config
+from setr_lowmem.memory.registry import techniques
 from setr_lowmem.sizing.cards import Card
 
 aten = torch.ops.aten
@@ -162,29 +165,24 @@ class StepCounts:
         return self.micro_batch.flops * self.accumulation / self.images
 
 
-BNB_MIN = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits (as the memory forecast)
-# bytes per value read and written by one optimizer step, weights and gradients float32: SGD with
-# momentum reads weight, gradient, momentum and writes weight, momentum; AdamW also its second moment
-STEP_BYTES = {("sgd", 32): 20, ("adamw", 32): 28, ("sgd", 8): 14, ("adamw", 8): 16}
-
-
-def configured_counts(cfg, micro_batch: OpCounts, optimizer: OpCounts, sizes: list[int]) -> StepCounts:
+def configured_counts(cfg: Config, micro_batch: OpCounts, optimizer: OpCounts, sizes: list[int]) -> StepCounts:
     """The step of `cfg` from the fake step's counts (`sizes`: the trained parameters' values),
-    with what the fake step did not run accounted: 8-bit states (bitsandbytes steps each parameter
-    with its own kernel) and ZeRO's offloaded optimizer (gradients to the host after every
-    micro-batch, weights back after the step, the host's step over float32 masters)."""
-    acc, name = cfg.train.accumulation(), cfg.optim.name
+    with what the fake step did not run added by each technique's `speed` (8-bit states: one
+    kernel per parameter, stepped from Python; ZeRO's offloaded optimizer: PCIe and the host).
+    The step runs `train.accumulation()` micro-batches: the sizing room predicts one process."""
+    acc = cfg.train.accumulation()
     out = StepCounts(micro_batch, optimizer, acc, cfg.train.micro_batch * acc)
-    ds = cfg.memory.deepspeed
-    if ds.stage and ds.offload_optimizer:
-        width = 2 if cfg.memory.precision == "bf16_weights" else 4
-        out.optimizer = OpCounts()
-        out.link_bytes = sum(sizes) * width * (acc + 1)
-        out.host_bytes = sum(sizes) * STEP_BYTES[(name, 32)]
-    elif cfg.optim.bits == 8:
-        out.optimizer, out.python_steps = OpCounts(), len(sizes)
-        for n in sizes:
-            out.optimizer.add("none", 0, n * STEP_BYTES[(name, 8 if n >= BNB_MIN else 32)])
+    for technique in techniques():
+        cost = technique.speed(cfg, sizes, acc) if technique.speed is not None else None
+        if cost is None:
+            continue
+        if cost.optimizer is not None:
+            out.optimizer = OpCounts()
+            for peak, flops, nbytes in cost.optimizer:
+                out.optimizer.add(peak, flops, nbytes)
+        out.link_bytes += cost.link_bytes
+        out.host_bytes += cost.host_bytes
+        out.python_steps += cost.python_steps
     return out
 
 
