@@ -106,7 +106,7 @@ def test_resume_refuses_a_config_that_changes_what_is_trained(tmp_path):
     assert "log_every" not in err  # logging may change
     # a fresh run into a directory that holds checkpoints is refused rather than mixed in
     proc = train(tmp_path / "run", "schedule.iters=4", check=False)
-    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    assert proc.returncode == 2 and "already holds the results of an earlier run (checkpoints/" in proc.stderr
     assert (tmp_path / "run/checkpoints/iter_0000002/meta.json").is_file()
 
 
