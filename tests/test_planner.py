@@ -117,3 +117,42 @@ def test_the_benchmark_refuses_an_unknown_row_before_running_any(monkeypatch, ca
         bench.main()
     err = capsys.readouterr().err
     assert ended.value.code == 2 and err.startswith("error: --rows: unknown row 'full'; rows: naive, bf16")
+
+
+def test_the_loader_rate_gives_the_cores_a_speed_needs(tmp_path):
+    """`benchmarks/loader.py`'s per-core rate for the config's dataset and crop (the newest file wins)
+    turns a card's images/s into the DataLoader workers that keep up with it."""
+    import json
+
+    from setr_lowmem.config import load_config
+    from setr_lowmem.sizing.planner import cores, loader_rate
+
+    def write(name: str, rate: float) -> None:
+        rows = [{"config": "pup_ade20k", "dataset": "ade20k", "crop": 512, "img_s_per_core": rate},
+                {"config": "pup_cityscapes", "dataset": "cityscapes", "crop": 768, "img_s_per_core": 4.0}]
+        (tmp_path / name).write_text(json.dumps({"cpu": "x86_64", "rows": rows}))
+
+    write("loader_x86_64_2026-11-30.json", 10.0)
+    write("loader_x86_64_2026-12-01.json", 20.0)
+    ade = load_config("pup_ade20k")
+    rate = loader_rate(ade, where=(tmp_path,))
+    assert rate is not None and rate[0] == 20.0 and "2026-12-01" in rate[1]
+    assert cores(81.0, rate) == "5" and cores(float("nan"), rate) == "-" and cores(81.0, None) == "-"
+    assert loader_rate(load_config("pup_pascal_context"), where=(tmp_path,)) is None  # not measured
+    assert loader_rate(load_config("pup_cityscapes"), where=(tmp_path,))[0] == 4.0
+
+
+def test_the_loader_benchmark_writes_the_rate_the_planner_reads(tmp_path):
+    import json
+    import sys
+
+    from setr_lowmem.config import load_config
+    from setr_lowmem.sizing.planner import loader_rate
+    from tests.helpers import run
+
+    run([sys.executable, "benchmarks/loader.py", "--cfg", "pup_pascal_context", "--images", "2", "--out", str(tmp_path)])
+    [written] = tmp_path.glob("loader_*.json")
+    [row] = json.loads(written.read_text())["rows"]
+    assert (row["dataset"], row["crop"], row["image"], row["images"]) == ("pascal_context", 480, "500x375.jpg", 2)
+    assert row["img_s_per_core"] > 0
+    assert loader_rate(load_config("pup_pascal_context"), where=(tmp_path,))[0] == row["img_s_per_core"]

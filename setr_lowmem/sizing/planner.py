@@ -30,10 +30,12 @@ among techniques too.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -273,11 +275,32 @@ def days(cfg: Config, img_s: float) -> float:
     return cfg.schedule.iters * cfg.train.total_batch / img_s / 86400
 
 
+def loader_rate(cfg: Config, where: tuple[Path, ...] = ()) -> tuple[float, str] | None:
+    """(images/s that one CPU core prepares for `cfg`'s dataset at its crop, and where that was measured)
+    from the newest `loader_*.json` of `benchmarks/loader.py` (in `benchmarks/results` under the working
+    directory or the clone), or None when it was not measured for this dataset and crop."""
+    folders = where or (Path.cwd() / "benchmarks" / "results", Path(__file__).resolve().parents[2] / "benchmarks" / "results")
+    files = sorted({f for d in folders if d.is_dir() for f in d.glob("loader_*.json")}, key=lambda f: f.name[-15:])
+    for f in reversed(files):
+        found = json.loads(f.read_text())
+        for row in found["rows"]:
+            if row["dataset"] == cfg.data.dataset and row["crop"] == cfg.data.crop:
+                return row["img_s_per_core"], f"{f.name}: {row['img_s_per_core']:g} img/s per core of {found['cpu']}"
+    return None
+
+
+def cores(img_s: float, rate: tuple[float, str] | None) -> str:
+    """The CPU cores (DataLoader workers, one process each) that feed `img_s`, or '-' when unknown."""
+    return "-" if rate is None or math.isnan(img_s) else str(math.ceil(img_s / rate[0]))
+
+
 def summary(cfg: Config, rows: list[tuple[Target, Outcome | None]], paste: str) -> list[str]:
     """One line per target with the plan chosen for it, its peak and what it leaves free, images/s
-    with its range and the days of the schedule, then the command line to paste."""
+    with its range, the days of the schedule and the CPU cores the data loader needs at that speed,
+    then the command line to paste."""
+    rate = loader_rate(cfg)
     lines = [f"  {'card':<34} {'GiB':>6}  {'plan':<68} {'peak GiB':>8} {'free':>6} {'img/s':>6} {'range':>11} "
-             f"{'days':>11}"]
+             f"{'days':>11} {'cores':>5}"]
     for target, out in rows:
         if out is None:
             lines.append(f"  {target.label:<34} {gib(target.capacity):>6}  no plan fits")
@@ -291,8 +314,12 @@ def summary(cfg: Config, rows: list[tuple[Target, Outcome | None]], paste: str) 
         when = "" if math.isnan(out.img_s) else f"{days(cfg, out.img_s):.1f}" + (
             "" if math.isnan(out.low) else f" ({days(cfg, out.high):.1f}-{days(cfg, out.low):.1f})")
         lines.append(f"  {target.label:<34} {gib(target.capacity):>6}  {out.plan.describe(cfg):<68} {gib(out.peak):>8} "
-                     f"{gib(target.capacity - out.peak):>6} {speed:>6} {spread:>11} {when:>11}")
+                     f"{gib(target.capacity - out.peak):>6} {speed:>6} {spread:>11} {when:>11} "
+                     f"{cores(out.img_s, rate):>5}")
         lines.append(f"      paste: {paste}" + "".join(f" {o}" for o in out.plan.overrides()))
+    lines.append("  cores: the data loader's workers (one CPU core each) that keep up, at " + (
+        rate[1] + " (benchmarks/loader.py)" if rate else "a rate not measured for this dataset and crop: "
+        "run benchmarks/loader.py"))
     return lines
 
 
