@@ -85,7 +85,8 @@ APIS: dict[str, PrivateApi] = {api.path: api for api in [
     PrivateApi("torch.utils._pytree:tree_map", "torch 1.13",
                "cuda_rules: casting an operator's tensor arguments", "a small map over tuples, lists and dicts"),
     PrivateApi("torch.utils._pytree:tree_leaves", "torch 2.0",
-               "gpu_overheads.OpTransients: an operator's tensor arguments", "a small walk over tuples, lists and dicts"),
+               "gpu_overheads.OpTransients: an operator's tensor arguments",
+               "a small walk over tuples, lists and dicts"),
     PrivateApi("torch.utils._pytree:tree_flatten", "torch 1.13",
                "sizing.speed: an operator's tensor arguments", "the same walk, with no tree spec (None)"),
     PrivateApi("torch._C:_ExcludeDispatchKeyGuard", "torch 2.0",
@@ -357,8 +358,10 @@ def fresh_accelerate() -> Iterator[None]:
 
 def report() -> list[str]:
     """One line per private API: present or missing on the installed versions, and the fallback."""
-    return [f"{'ok     ' if api.present() else 'MISSING' if api.required else 'absent '} {api.path}  (since {api.since}; without: {api.without})"
-            for api in APIS.values()]
+    def state(api: PrivateApi) -> str:
+        return "ok     " if api.present() else "MISSING" if api.required else "absent "
+
+    return [f"{state(api)} {api.path}  (since {api.since}; without: {api.without})" for api in APIS.values()]
 
 
 if __name__ == "__main__":
