@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 def prepare_environment() -> None:
@@ -67,10 +68,18 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def command_parser(doc: str | None) -> argparse.ArgumentParser:
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with every refusal one line on stderr and exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_parser(doc: str | None, prog: str | None = None) -> OneLineParser:
     """The argument parser every console command starts from: its module's docstring as the help text
-    (named after the command that was run) and `--version`."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    (named after the command that was run), `--version`, and one-line refusals."""
+    parser = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_Version)
     return parser
 
@@ -90,6 +99,8 @@ def run_main(main: Callable[[], None]) -> None:
         main()
     except SetrError as err:
         fail(one_line(err), getattr(err, "exit_code", 2))
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first): nothing half-done to keep
+        fail("interrupted (Ctrl-C)", 130)
 
 
 def one_line(err: BaseException) -> str:

@@ -161,6 +161,8 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if min(self.std) <= 0:
             raise ValueError(f"std {list(self.std)} must be positive in every channel (images are divided by it)")
+        if self.image_column == self.label_column:
+            raise ValueError(f"image_column and label_column are both {self.image_column!r}")
         if self.dataset not in ("synthetic",) and not self.root:
             raise ValueError(f"root is required for dataset {self.dataset!r}")
 
@@ -187,8 +189,11 @@ class OptimConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.lr * max(self.head_lr_mult, 1.0) > FLOAT32_MAX:
             raise ValueError(f"lr {self.lr} x head_lr_mult {self.head_lr_mult} overflows float32")
-        if self.weight_decay < 0 or self.momentum < 0 or self.head_lr_mult <= 0:
-            raise ValueError("momentum and weight_decay must be >= 0 and head_lr_mult > 0")
+        if self.weight_decay < 0 or self.head_lr_mult <= 0:
+            raise ValueError("weight_decay must be >= 0 and head_lr_mult > 0")
+        if not 0 <= self.momentum < 1 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"momentum {self.momentum} and betas {list(self.betas)} must be in [0, 1): a momentum "
+                             "of 1 or more makes every past gradient count for ever")
 
 
 @dataclass(config=_STRICT)
@@ -346,6 +351,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "crop", "stride")
+        if self.mode == "slide" and self.stride > self.crop:
+            raise ValueError(f"stride {self.stride} is larger than crop {self.crop}: the sliding windows would leave "
+                             "pixels between them unpredicted")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be a non-empty list of positive ratios, got {self.scales}")
 

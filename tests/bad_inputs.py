@@ -319,6 +319,36 @@ CASES = [
     Case("a model of this toolkit given as an mmseg checkpoint", "train",
          ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "model.mmseg_checkpoint={trained}/model.safetensors", *TINY],
          "is a model of this toolkit, not an mmsegmentation checkpoint"),
+    # ---- found by the second adversarial sweep
+    Case("evaluate: --out over an exported model", "evaluate",
+         ["--checkpoint", "{tmp}/run/model.safetensors", "--out", "{tmp}/run/model.safetensors"],
+         "is not an earlier evaluation's JSON: not written over", _copy_trained()),
+    Case("evaluate: --out a symlink loop", "evaluate", ["--checkpoint", "{trained}/model.safetensors", "--out", "{tmp}/a"],
+         "cannot write {tmp}/a", _loop),
+    Case("predict: --out a symlink loop", "predict",
+         ["--checkpoint", "{trained}/model.safetensors", "--input", "{tmp}/in", "--out", "{tmp}/a"],
+         "cannot use {tmp}/a", lambda tmp: (_loop(tmp), _images("x.png")(tmp))),
+    Case("a manifest whose files are not a mapping", "evaluate", ["--checkpoint", "{tmp}/run/checkpoints/iter_0000002"],
+         "its manifest.json is unreadable",
+         _copy_trained(lambda run: (_newest(run) / "manifest.json").write_text('{"files": 5}'))),
+    Case("a manifest that lists no files", "evaluate", ["--checkpoint", "{tmp}/run/checkpoints/iter_0000002"],
+         "its manifest.json lists no files",
+         _copy_trained(lambda run: (_newest(run) / "manifest.json").write_text('{"files": {}}'))),
+    Case("one column for images and labels", "train",
+         ["--cfg", "test_tiny", "data.dataset=hf", "data.root={tmp}", "data.image_column=seg", "data.label_column=seg"],
+         "image_column and label_column are both 'seg'"),
+    Case("a momentum of 2", "train", ["--cfg", "test_tiny", "optim.momentum=2"], "must be in [0, 1)"),
+    Case("a sliding stride larger than its window", "evaluate",
+         ["--checkpoint", "{trained}/model.safetensors", "eval.stride=100"], "stride 100 is larger than crop 64"),
+    Case("an option value of the wrong type", "train", ["--cfg", "test_tiny", "--stop-after", "abc"],
+         "argument --stop-after: invalid int value: 'abc'"),
+    Case("an unknown option", "evaluate", ["--checkpoint", "{trained}/model.safetensors", "--foo"],
+         "unrecognized arguments: --foo"),
+    Case("benchmark: --out that cannot be written", "benchmark", ["--out", "/proc/setr", "--rows", "naive"],
+         "cannot write to --out /proc/setr"),
+    Case("benchmark: --cap-gib without a GPU", "benchmark", ["--cap-gib", "24", "--rows", "naive"],
+         "--cap-gib needs a GPU"),
+    Case("benchmark: an unknown row", "benchmark", ["--rows", "naive", "bf16", "full"], "unknown row 'full'"),
     Case("every label ignored", "train",
          ["--cfg", "test_tiny", "train.out_dir={tmp}/run", "data.dataset=ade20k", "data.root={tmp}/ADEChallengeData2016", "data.num_classes=150",
           *TINY], "every pixel of 3 label maps spread over the split is ignored", _ade(label_value=0, every=True)),
@@ -336,8 +366,11 @@ def prepare_trained(where: Path) -> Path:
     return run
 
 
+SCRIPTS = {"benchmark": ROOT / "benchmarks" / "memory.py"}  # launchers that live outside launch/
+
+
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", SCRIPTS.get(name, ROOT / "launch" / f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -93,6 +93,12 @@ def test_hf_formats_saved_parquet_and_imagefolder(tmp_path):
         assert img.shape == (16, 16, 3) and (lbl == label).all(), root
     with pytest.raises(DataError, match="no column 'mask'"):
         open_source(DataConfig(dataset="hf", root=str(tmp_path / "saved"), label_column="mask", image_column="img"), "train")
+    # a Hub dataset's own split names: the toolkit's `val` finds `validation`, `train` finds `training`
+    datasets.DatasetDict({"training": ds, "validation": ds}).save_to_disk(tmp_path / "named")
+    cfg = DataConfig(dataset="hf", root=str(tmp_path / "named"), num_classes=3, image_column="img", label_column="seg")
+    assert len(open_source(cfg, "val")) == 2 and len(open_source(cfg, "train")) == 2
+    with pytest.raises(DataError, match=r"no split 'test' \(has \['training', 'validation'\]\); set data.train_split"):
+        open_source(cfg, "test")
 
 
 # ---- bad input -------------------------------------------------------------------------

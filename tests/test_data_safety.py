@@ -207,13 +207,17 @@ def test_predict_keeps_inputs_apart_and_takes_a_file_a_glob_or_odd_images(tmp_pa
         assert code == 0, err
         return sorted(p.name for p in (tmp_path / out).iterdir())
 
-    assert predict(str(images), "all") == ["a_jpg.png", "a_jpg_label.png", "a_png.png", "a_png_label.png",
-                                           "g16.png", "g16_label.png", "strip.png", "strip_label.png"]
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(images / "a_label.png")
+    assert predict(str(images), "all") == [
+        "a_jpg_label.png", "a_jpg_overlay.png", "a_label_label.png", "a_label_overlay.png", "a_png_label.png",
+        "a_png_overlay.png", "g16_label.png", "g16_overlay.png", "strip_label.png", "strip_overlay.png"]
     assert Image.open(tmp_path / "all/strip_label.png").size == (2000, 3)
-    assert predict(str(images / "a.jpg"), "one") == ["a.png", "a_label.png"]
-    assert predict(str(images / "*.png"), "glob") == ["a.png", "a_label.png", "g16.png", "g16_label.png",
-                                                       "strip.png", "strip_label.png"]
-    assert sorted(p.name for p in images.iterdir()) == ["a.jpg", "a.png", "g16.png", "strip.png"]  # untouched
+    assert predict(str(images / "a.jpg"), "one") == ["a_label.png", "a_overlay.png"]
+    # an input named like another's class map (a_label.png beside a.png) gets outputs of its own
+    assert predict(str(images / "*.png"), "glob") == ["a_label.png", "a_label_label.png", "a_label_overlay.png",
+                                                       "a_overlay.png", "g16_label.png", "g16_overlay.png",
+                                                       "strip_label.png", "strip_overlay.png"]
+    assert sorted(p.name for p in images.iterdir()) == ["a.jpg", "a.png", "a_label.png", "g16.png", "strip.png"]
 
 
 def test_export_into_a_folder_writes_model_safetensors_there(tmp_path):
@@ -228,3 +232,47 @@ def test_export_into_a_folder_writes_model_safetensors_there(tmp_path):
     code, _, err = run_launcher("export", [str(newest), str(tmp_path / "newdir")])
     assert code == 2 and "already exists: not written over" in err
     assert run_launcher("export", [str(newest), str(tmp_path / "newdir"), "--overwrite"])[0] == 0
+
+
+def test_sighup_saves_and_stops_as_sigterm_does(tmp_path, monkeypatch):
+    """A closed terminal (or an ssh session that dropped) sends SIGHUP: the iteration is saved."""
+    real, calls = train_mod.iterate, {"n": 0}
+
+    def iterate(run):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(run)
+
+    monkeypatch.setattr(train_mod, "iterate", iterate)
+    summary = train_mod.train(config(tmp_path))
+    assert summary["stopped_by"] == "SIGHUP" and summary["iteration"] == 3
+    assert names(tmp_path) == ["iter_0000003"] and not ckpt.damage(tmp_path / "checkpoints/iter_0000003")
+
+
+def test_ctrl_c_before_a_run_starts_is_one_line(capsys):
+    from setr_lowmem.cli import run_main
+
+    def main():
+        raise KeyboardInterrupt  # what Ctrl-C does while torch is still importing
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main)
+    assert stop.value.code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
+
+
+def test_a_hub_export_that_cannot_be_written_leaves_no_folder(tmp_path, monkeypatch):
+    from setr_lowmem.engine.hub import PretrainedSETR
+    from tests.bad_inputs import TINY, run_launcher
+
+    run = tmp_path / "run"
+    assert run_launcher("train", ["--cfg", "test_tiny", f"train.out_dir={run}", *TINY])[0] == 0
+
+    def full_disk(self, folder, **kw):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(PretrainedSETR, "save_pretrained", full_disk)
+    code, _, err = run_launcher("export", [str(ckpt.list_checkpoints(run)[-1]), str(tmp_path / "hub"), "--hub"])
+    assert code == 2 and "Traceback" not in err and "No space left on device" in err
+    assert not (tmp_path / "hub").exists()

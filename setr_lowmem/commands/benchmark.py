@@ -71,6 +71,14 @@ def refusal(args: argparse.Namespace) -> str:
         return f"--steps must be 2 or more (the first step warms up and is not timed), got {args.steps}"
     if args.cap_gib is not None and not (math.isfinite(args.cap_gib) and args.cap_gib > 0):
         return f"--cap-gib must be a memory size in GiB above 0, got {args.cap_gib:g}"
+    if args.cap_gib is not None and not torch.cuda.is_available():
+        return "--cap-gib needs a GPU (it caps the CUDA allocator; the CPU run of a tiny model has no card to emulate)"
+    from setr_lowmem.engine.rundir import RunDirError, writable_dir
+
+    try:
+        writable_dir(Path(args.out), "--out")  # before any row runs, not after all of them
+    except RunDirError as err:
+        return str(err)
     return ""
 
 

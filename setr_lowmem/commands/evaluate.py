@@ -40,9 +40,7 @@ def main() -> None:
     overrides = list(args.overrides) + ([f"eval.scales={MS_SCALES}", "eval.flip=true"] if args.ms_flip else [])
     cfg = model_config(args.checkpoint, args.cfg, overrides)
     ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
-    if out.is_dir():
-        fail(f"--out {out} is a directory; give the JSON file to write")
+    out = output_path(args.out, ckpt)
     writable_dir(out.parent, "the directory of --out")  # before the evaluation, not after it
     model, autocast = load_trained(cfg, args.checkpoint)
     device = next(model.parameters()).device
@@ -52,6 +50,33 @@ def main() -> None:
     out.write_text(json.dumps({"config": str(args.cfg or "stored in the checkpoint"), "checkpoint": str(ckpt), "scales": cfg.eval.scales,
                                "flip": cfg.eval.flip, "mode": cfg.eval.mode, "classes": names, **metrics}, indent=1))
     print(f"wrote {out}")
+
+
+def output_path(given: str | None, checkpoint: Path) -> Path:
+    """Where the metrics go: `--out`, else beside the model (a checkpoint's go to its run directory as
+    eval_<checkpoint>.json: a checkpoint is never written into). Never over a file that is not an
+    earlier evaluation's JSON."""
+    from setr_lowmem.engine.checkpoint import MANIFEST, writable_target
+
+    if given:
+        out = Path(given)
+    elif (checkpoint / MANIFEST).is_file():
+        out = checkpoint.parent.parent / f"eval_{checkpoint.name}.json"
+    else:
+        out = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.json"
+    if Path(out).is_dir():
+        fail(f"--out {out} is a directory; give the JSON file to write")
+    writable_target(out, overwrite=True)  # not inside a checkpoint, not a symlink loop
+    if out.is_file() and not _earlier_evaluation(out):
+        fail(f"--out {out} exists and is not an earlier evaluation's JSON: not written over")
+    return out
+
+
+def _earlier_evaluation(path: Path) -> bool:
+    try:
+        return "mIoU" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def cli() -> None:

@@ -9,6 +9,7 @@ directory instead (`PretrainedSETR.from_pretrained(OUT)`, `push_to_hub`).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from setr_lowmem.cli import command_parser, fail, prepare_environment, run_main
@@ -37,8 +38,15 @@ def main() -> None:
 
         out = Path(args.out)
         writable_target(out / "model.safetensors", args.overwrite)
+        created = not out.exists()
         writable_dir(out, "the output directory")
-        PretrainedSETR.from_checkpoint(args.checkpoint).save_pretrained(out)
+        model = PretrainedSETR.from_checkpoint(args.checkpoint)
+        try:
+            model.save_pretrained(out)
+        except Exception as err:  # noqa: BLE001 - a full disk, whatever the writer raises: one line, no half folder
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            fail(f"cannot write {out}: {getattr(err, 'strerror', None) or (str(err).splitlines() or [''])[0]}")
         print(f"wrote {out}: load it with PretrainedSETR.from_pretrained({str(out)!r})")
         return
     out = Path(args.out)

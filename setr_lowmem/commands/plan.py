@@ -19,9 +19,8 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from setr_lowmem.cli import prepare_environment, run_main
+from setr_lowmem.cli import OneLineParser, command_parser, prepare_environment, run_main
 
 
 def command_names(argv0: str | None = None) -> tuple[str, str]:
@@ -36,14 +35,6 @@ def command_names(argv0: str | None = None) -> tuple[str, str]:
 
 
 MOST_GB = 1024  # a size above this is a typo or a card's number ('4090'), not a card's memory
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with every refusal one line on stderr and exit 2 (no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def positive_int(text: str) -> int:
@@ -67,7 +58,7 @@ def positive_gib(text: str) -> float:
 
 
 def build_parser(prog: str) -> OneLineParser:
-    parser = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, prog)
     parser.add_argument("--cfg", required=True, help="config file (a bare name is looked up in configs/)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--predict", action="store_true", help="forecast every plan on fake tensors (any machine)")

@@ -2,9 +2,9 @@
 `setr-predict --checkpoint PATH --input IMAGES --out OUT_DIR` (`python launch/predict.py` from a clone).
 
 IMAGES is a folder (its .jpg/.png/... files), one image file, or a glob pattern in quotes
-(`'photos/**/*.jpg'`). For each image it writes OUT_DIR/<name>.png (the prediction blended over the
-image, with a legend of the classes present) and OUT_DIR/<name>_label.png (the class map: pixel
-values are class indices), using the config's test protocol. Two inputs of the same name
+(`'photos/**/*.jpg'`). For each image it writes OUT_DIR/<name>_overlay.png (the prediction blended
+over the image, with a legend of the classes present) and OUT_DIR/<name>_label.png (the class map:
+pixel values are class indices), using the config's test protocol. Two inputs of the same name
 (a.png, a.jpg) get a_png / a_jpg; OUT_DIR may not be an input folder, and no input is ever written over.
 """
 
@@ -38,10 +38,32 @@ def input_images(spec: str) -> list[Path]:
     fail(f"input not found: {spec} (give a folder, an image file or a glob pattern)")
 
 
+# what is written per input: the overlay and the class map. No name + one tail can equal another
+# name + the other tail (they end differently), so distinct names never write the same file.
+TAILS = ("_overlay.png", "_label.png")
+
+
+def resolved(path: Path) -> Path:
+    """`path` with its links followed; a symlink loop is one line."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as err:
+        fail(f"cannot use {path}: {getattr(err, 'strerror', None) or err}")
+
+
 def output_names(files: list[Path]) -> list[str]:
-    """A distinct output name per input: its stem, or stem_suffix where two inputs share a stem."""
+    """A distinct output name per input: its stem, stem_suffix where two inputs share a stem, and a
+    number on top where even that is taken (a.png, a.jpg and a_png.bmp)."""
     stems = [p.stem for p in files]
-    return [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in files]
+    names, taken = [], set()
+    for p in files:
+        name = p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}"
+        base, n = name, 2
+        while name in taken:
+            name, n = f"{base}_{n}", n + 1
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def main() -> None:
@@ -56,12 +78,11 @@ def main() -> None:
 
     files = input_images(args.input)
     out = Path(args.out)
-    inputs = {p.resolve() for p in files}
-    if out.resolve() in {p.parent for p in inputs}:
+    inputs = {resolved(p) for p in files}
+    if resolved(out) in {p.parent for p in inputs}:
         fail(f"--out {out} holds input images: write the predictions to another folder")
     names = output_names(files)
-    clash = next((out / f"{n}{tail}" for n in names for tail in (".png", "_label.png")
-                  if (out / f"{n}{tail}").resolve() in inputs), None)
+    clash = next((out / f"{n}{tail}" for n in names for tail in TAILS if resolved(out / f"{n}{tail}") in inputs), None)
     if clash is not None:
         fail(f"--out would write over the input image {clash}: choose another folder")
     prepare_environment()
@@ -83,9 +104,9 @@ def main() -> None:
     for path, name in zip(files, names, strict=True):
         image = np.array(open_image(path, "RGB"))
         pred = predict_classes(model, image, cfg, device, autocast).numpy().astype(np.uint8)
-        overlay(image, pred, palette, classes).save(out / f"{name}.png")
-        label_png(pred, palette).save(out / f"{name}_label.png")
-        print(f"{path}: {len(np.unique(pred))} classes -> {out / (name + '.png')}")
+        overlay(image, pred, palette, classes).save(out / f"{name}{TAILS[0]}")
+        label_png(pred, palette).save(out / f"{name}{TAILS[1]}")
+        print(f"{path}: {len(np.unique(pred))} classes -> {out / (name + TAILS[0])}")
 
 
 def cli() -> None:

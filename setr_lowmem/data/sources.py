@@ -143,6 +143,18 @@ def pascal_context(root: Path, split: str, drop_background: bool) -> Source:
                   f"pascal_context{'59' if drop_background else ''}/{split}")
 
 
+# the names the toolkit's `train` and `val` go by in Hub datasets
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "validation", "valid")}
+
+
+def hf_split(split: str, have: list[str], root: str) -> str:
+    """The dataset's own name for `split` (`val` finds `validation`), or a one-line error."""
+    for name in SPLIT_NAMES.get(split, (split,)):
+        if name in have:
+            return name
+    raise DataError(f"{root}: no split {split!r} (has {sorted(have)}); set data.train_split / data.val_split")
+
+
 def hf_dataset(cfg: DataConfig, split: str) -> Source:
     """Anything `datasets` opens: a save_to_disk directory, a parquet/imagefolder directory, a hub name."""
     root = cfg.root
@@ -150,9 +162,7 @@ def hf_dataset(cfg: DataConfig, split: str) -> Source:
         if Path(root, "dataset_dict.json").is_file() or Path(root, "state.json").is_file():
             ds = datasets.load_from_disk(root)
             if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{root}: no split {split!r} (has {sorted(ds)})")
-                ds = ds[split]
+                ds = ds[hf_split(split, list(ds), root)]
         else:
             ds = datasets.load_dataset(root, split=split)
     except DataError:

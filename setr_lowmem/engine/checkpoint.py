@@ -84,17 +84,20 @@ def damage(path: Path, quick: bool = False) -> str:
         return "not a directory"
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
+        entries = [(str(rel), int(info["size"]), str(info["sha256"])) for rel, info in files.items()]
     except FileNotFoundError:
         return f"no {MANIFEST} (not a checkpoint of this toolkit, or its save was interrupted)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {MANIFEST} is unreadable"
-    for rel, info in files.items():
+    if not entries:
+        return f"its {MANIFEST} lists no files"
+    for rel, size, sha256 in entries:
         f = path / rel
         if not f.is_file():
             return f"{rel} is missing"
-        if f.stat().st_size != info["size"]:
-            return f"{rel} has {f.stat().st_size} bytes, not {info['size']}"
-        if not quick and _sha256(f) != info["sha256"]:
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, not {size}"
+        if not quick and _sha256(f) != sha256:
             return f"{rel} is corrupt (its checksum differs from the manifest's)"
     return ""
 

@@ -8,6 +8,7 @@ the first one's.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -24,15 +25,17 @@ class RunDirError(SetrError):
 def writable_dir(path: Path, what: str) -> Path:
     """Create `path` if needed and check that a file can be written in it: one line if not."""
     path = Path(path)
+    probe = path / f".write-test-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
     except FileExistsError:
         raise RunDirError(f"{what} {path} is a file, not a directory") from None
-    except OSError as err:
-        raise RunDirError(f"cannot write to {what} {path}: {err.strerror or err}") from None
+    except (OSError, RuntimeError) as err:  # RuntimeError: pathlib's word for a symlink loop
+        raise RunDirError(f"cannot write to {what} {path}: {getattr(err, 'strerror', None) or err}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()  # also after a full disk refused its bytes
     return path
 
 

@@ -122,7 +122,7 @@ class Interrupted(SetrError):
 
 
 class _Signals:
-    """SIGTERM/SIGINT ask the loop to save and stop at the end of the current iteration. A second
+    """SIGTERM/SIGINT/SIGHUP ask the loop to save and stop at the end of the current iteration. A second
     Ctrl-C stops at once, except while a checkpoint is being written: that save finishes first (an
     interrupted save would cost every iteration since the previous checkpoint)."""
 
@@ -132,7 +132,7 @@ class _Signals:
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
