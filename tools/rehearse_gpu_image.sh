@@ -11,7 +11,7 @@
 # repository with the image's torch 2.11 / triton 3.6 and the packages of tools/gpu_image.txt
 # (REHEARSAL_VENV, default ../venv211: about 5.5 GB, 8 min; torch's wheel is a CUDA build), and
 # .site/ with what the image lacks (deepspeed, bitsandbytes, datasets, pydantic) by
-# ../shared/tools/device-site.sh, put first on PYTHONPATH exactly as on the GPU machine. Then:
+# tools/build_site.sh, put first on PYTHONPATH exactly as on the GPU machine. Then:
 #   1. the versions and `python -m setr_lowmem.compat` (every private API present, in seconds);
 #   2. the tests that touch the private APIs and the Triton kernels (interpreted), and the
 #      extension-build lock tests (tests/test_torch_versions.py);
@@ -62,8 +62,7 @@ if [ ! -f "$venv/.gpu_image.txt" ] || ! cmp -s "$pins" "$venv/.gpu_image.txt"; t
   say "venv built: $(du -sh "$venv" | cut -f1)"
 fi
 if [ ! -d "$root/.site/deepspeed" ]; then
-  [ -f "$root/../shared/tools/device-site.sh" ] || { echo "error: ../shared/tools/device-site.sh not found: it builds .site" >&2; exit 2; }
-  (cd "$root" && bash ../shared/tools/device-site.sh)
+  bash "$root/tools/build_site.sh"
 fi
 
 . "$venv/bin/activate"
