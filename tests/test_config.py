@@ -168,3 +168,20 @@ def test_code_changes_a_config_typed_as_the_command_line_would():
                       ({"memory.checkpointing": "most"}, "memory.checkpointing: Input should be")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             replace_keys(cfg, bad)
+
+
+def test_the_train_command_lists_prints_and_versions(tmp_path):
+    """--list-configs names every shipped config; --print-config prints the resolved config, which loads
+    back as the same config; --version names the toolkit and torch; none of them trains anything."""
+    from setr_lowmem.config import config_from_text
+    from tests.bad_inputs import run_launcher
+
+    code, out, _ = run_launcher("train", ["--list-configs"])
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == sorted(
+        p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    code, out, _ = run_launcher("train", ["--cfg", "test_tiny", "--print-config", "optim.lr=0.5"])
+    assert code == 0 and config_from_text(out, "printed") == load_config("test_tiny", ["optim.lr=0.5"])
+    (tmp_path / "printed.yaml").write_text(out)
+    assert load_config(tmp_path / "printed.yaml").optim.lr == 0.5  # a complete file: a user's own config
+    code, out, _ = run_launcher("train", ["--version"])
+    assert code == 0 and out.startswith("setr-lowmem ") and "torch " in out
