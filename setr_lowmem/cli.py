@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -84,6 +85,28 @@ def command_parser(doc: str | None, prog: str | None = None) -> OneLineParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return value
+
+
+def positive_gib(text: str) -> float:
+    """argparse type: a finite memory size in GiB above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size in GiB above 0")
+    return value
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -99,8 +122,8 @@ def run_main(main: Callable[[], None]) -> None:
         main()
     except SetrError as err:
         fail(one_line(err), getattr(err, "exit_code", 2))
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first): nothing half-done to keep
-        fail("interrupted (Ctrl-C)", 130)
+    except KeyboardInterrupt as err:  # a second Ctrl-C in training, or one before it: nothing half-done to keep
+        fail(one_line(err) if str(err) else "interrupted (Ctrl-C)", 130)
 
 
 def one_line(err: BaseException) -> str:

@@ -548,7 +548,10 @@ def _describe(err: ValidationError, prefix: str = "") -> str:
 
 def config_from_text(text: str, source: str) -> Config:
     """A config from YAML text (a file's, or one stored in a checkpoint), validated strictly."""
-    data = _yaml(text, source)
+    return _config_from_data(_yaml(text, source), source)
+
+
+def _config_from_data(data: Any, source: str) -> Config:
     if data is None:
         raise ConfigError(f"{source}: the file is empty (a config lists its sections; see configs/pup_ade20k.yaml)")
     if not isinstance(data, dict):
@@ -567,8 +570,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     # Validate the file alone first so that an error in it is blamed on it, not on the overrides.
-    cfg = config_from_text(text, str(path))
-    missing = missing_keys(_yaml(text, str(path)))
+    data = _yaml(text, str(path))
+    cfg = _config_from_data(data, str(path))
+    missing = missing_keys(data)
     if missing:
         raise ConfigError(f"{path}: {len(missing)} key(s) missing ({', '.join(missing[:4])}"
                           f"{', ...' if len(missing) > 4 else ''}): a config lists every key; start from a "

@@ -116,9 +116,9 @@ def test_a_second_ctrl_c_before_the_save_stops_at_once_in_one_line(tmp_path, mon
         return real(run)
 
     monkeypatch.setattr(train_mod, "iterate", iterate)
-    with pytest.raises(train_mod.Interrupted, match="stopped at once by a second Ctrl-C") as err:
+    with pytest.raises(train_mod.Interrupted, match="stopped at once by a second Ctrl-C"):
         train_mod.train(config(tmp_path, ckpt_every=2))
-    assert err.value.exit_code == 130 and names(tmp_path) == ["iter_0000002"]
+    assert names(tmp_path) == ["iter_0000002"]
 
 
 def test_diverged_weights_are_never_saved_and_the_advice_is_a_new_start(tmp_path):

@@ -112,3 +112,27 @@ def test_a_cpu_run_that_would_not_fit_host_memory_stops_before_it_starts(tmp_pat
     assert re.search(r"no GPU: this run would train in host memory and needs about [\d.]+ GiB .* (2[0-9])M "
                      r"parameters\), but 0.5 GiB is available", line), line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_taken_on_a_file_its_holder_just_removed_is_taken_again(tmp_path, monkeypatch):
+    """A run that ends removes its lock file: a second run that opened the file before that must not
+    believe it holds the directory (a third would then create a new file and hold it too)."""
+    import fcntl
+
+    from setr_lowmem.engine import rundir
+
+    first = rundir.RunLock(tmp_path).acquire()
+    real, calls = fcntl.flock, {"n": 0}
+
+    def flock(file, op):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            first.release()  # the holder ends while the second run waits on the file it opened
+        return real(file, op)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", flock)
+    second = rundir.RunLock(tmp_path).acquire()
+    with pytest.raises(rundir.RunDirError, match="is in use by another run"):
+        rundir.RunLock(tmp_path).acquire()  # a third run sees the second's lock
+    second.release()
+    assert not (tmp_path / ".lock").exists()

@@ -147,3 +147,23 @@ def test_the_card_table_is_dense_sourced_and_complete():
     assert usable_gib(24, 0.5) == pytest.approx(24 * DRIVER_SHARE - 0.5)
     assert [positive_size(t) for t in ("24", "0", "-8", "nan", "inf", "x")] == [24.0, None, None, None, None, None]
     assert math.isclose(DRIVER_SHARE, 139 / 141)
+
+
+@pytest.mark.slow
+def test_the_counts_still_give_the_speeds_the_stored_model_was_fitted_to():
+    """A change to the operator counts or the time model moves a row's predicted speed away from the one
+    in the committed fit (`benchmarks/speed_check.py`): then the fit is stale and must be run again."""
+    import json
+    from pathlib import Path
+
+    from setr_lowmem.sizing import reference
+    from setr_lowmem.sizing.forecast import forecast
+
+    results = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "results").glob("speed_check_*.json"))
+    stored = json.loads(results[-1].read_text())
+    label, micro_batch = "head-and-loss checkpointing + classifier first", 16
+    fitted = next(r["fitted_img_s"] for r in stored["rows"] if r["label"] == label and r["micro_batch"] == micro_batch)
+    row = next(r for r in reference.ROWS if r.label == label and r.micro_batch == micro_batch)
+    counts = forecast(row.configured(), plain_loop=True).counts
+    model = speed.load_model()
+    assert speed.images_per_second(counts, CARDS["h100"], model.efficiencies) == pytest.approx(fitted, rel=1e-3)

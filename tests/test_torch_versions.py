@@ -6,7 +6,6 @@ that made every DeepSpeed run after a killed one wait for ever under torch 2.11 
 from __future__ import annotations
 
 import ast
-import fcntl
 import logging
 import os
 import shutil

@@ -230,7 +230,7 @@ def test_embedded_dataset_is_learned_well_above_chance(tmp_path):
     hits = background = 0
     for name, label in truth.items():
         pred = np.asarray(Image.open(pred_dir / f"{name}_label.png"))
-        assert pred.shape == label.shape and (pred_dir / f"{name}.png").is_file()
+        assert pred.shape == label.shape and (pred_dir / f"{name}_overlay.png").is_file()
         hits += int((pred == label).sum())
         background += int((label == 0).sum())
     assert hits > background, (hits, background)

@@ -25,13 +25,11 @@ import argparse
 import csv
 import datetime
 import json
-import math
-import sys
 from pathlib import Path
 
 import torch
 
-from setr_lowmem.cli import prepare_environment, run_main
+from setr_lowmem.cli import command_parser, positive_gib, positive_int, prepare_environment, run_main
 from setr_lowmem.config import load_config
 from setr_lowmem.memory.registry import benchmark_rows
 from setr_lowmem.sizing.measure import (
@@ -65,12 +63,8 @@ def refusal(args: argparse.Namespace) -> str:
     unknown = [r for r in args.rows if r not in names]
     if unknown:
         return f"--rows: unknown row {unknown[0]!r}; rows: {', '.join(names)}"
-    if any(b <= 0 for b in args.batches or []):
-        return f"--batches: every micro-batch must be above 0, got {' '.join(map(str, args.batches))}"
     if args.steps < 2:
         return f"--steps must be 2 or more (the first step warms up and is not timed), got {args.steps}"
-    if args.cap_gib is not None and not (math.isfinite(args.cap_gib) and args.cap_gib > 0):
-        return f"--cap-gib must be a memory size in GiB above 0, got {args.cap_gib:g}"
     if args.cap_gib is not None and not torch.cuda.is_available():
         return "--cap-gib needs a GPU (it caps the CUDA allocator; the CPU run of a tiny model has no card to emulate)"
     from setr_lowmem.engine.rundir import RunDirError, writable_dir
@@ -153,11 +147,11 @@ def chart(results: list[dict], path: Path, title: str, cuda: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--cfg", default="pup_ade20k.yaml")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="micro-batches (GPU: 1 2 4 8 16)")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--cap-gib", type=float, default=None, help="emulate a card of this size")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=None, help="micro-batches (GPU: 1 2 4 8 16)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per row, the first not timed (2 or more)")
+    parser.add_argument("--cap-gib", type=positive_gib, default=None, help="emulate a card of this size (GPU only)")
     parser.add_argument("--rows", nargs="+", default=[n for n, _, _ in ROWS])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the MemTracker pass (faster)")
@@ -167,9 +161,9 @@ def main() -> None:
                         help="also dump a CUDA memory snapshot of that step (open it at https://pytorch.org/memory_viz)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    if refusal(args):
-        print(f"error: {refusal(args)}", file=sys.stderr)
-        sys.exit(2)
+    problem = refusal(args)
+    if problem:
+        parser.error(problem)
     prepare_environment()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -61,7 +61,7 @@ def output_path(given: str | None, checkpoint: Path) -> Path:
     if given:
         out = Path(given)
     elif (checkpoint / MANIFEST).is_file():
-        out = checkpoint.parent.parent / f"eval_{checkpoint.name}.json"
+        out = checkpoint.resolve().parents[1] / f"eval_{checkpoint.name}.json"
     else:
         out = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.json"
     if Path(out).is_dir():

@@ -32,7 +32,7 @@ def main() -> None:
 
     if not Path(args.checkpoint).is_dir():
         fail(f"checkpoint directory not found: {args.checkpoint}")
-    intact(Path(args.checkpoint))
+    intact(Path(args.checkpoint), quick=True)  # at once, before any writing; the checksums when it is read
     if args.hub:
         from setr_lowmem.engine.hub import PretrainedSETR
 

@@ -16,11 +16,10 @@ schedule takes, and the command line to paste. (`python launch/plan.py ...` from
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from setr_lowmem.cli import OneLineParser, command_parser, prepare_environment, run_main
+from setr_lowmem.cli import OneLineParser, command_parser, positive_gib, positive_int, prepare_environment, run_main
 
 
 def command_names(argv0: str | None = None) -> tuple[str, str]:
@@ -35,26 +34,6 @@ def command_names(argv0: str | None = None) -> tuple[str, str]:
 
 
 MOST_GB = 1024  # a size above this is a typo or a card's number ('4090'), not a card's memory
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
-    return value
-
-
-def positive_gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size in GiB above 0")
-    return value
 
 
 def build_parser(prog: str) -> OneLineParser:

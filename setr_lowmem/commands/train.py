@@ -10,23 +10,23 @@ from __future__ import annotations
 import os
 import sys
 
-from setr_lowmem.cli import command_parser, fail, prepare_environment, run_main
+from setr_lowmem.cli import command_parser, fail, positive_gib, positive_int, prepare_environment, run_main
 
 
 def main() -> None:
     parser = command_parser(__doc__)
     parser.add_argument("--cfg", help="config file; a bare name is looked up in the shipped configs (--list-configs)")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint directory")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                         help="stop after N iterations of this session, with a checkpoint (a resumed run counts from "
                              "its resume point: --resume auto --stop-after 100 runs 100 more)")
     parser.add_argument("--allow-change", default="", metavar="KEY[,KEY]",
                         help="with --resume: keys whose new value is a deliberate change, e.g. "
                              "`--allow-change optim.lr optim.lr=0.0005` (optim.lr, schedule.iters, ...; logged and "
                              "added to the run's config_history.jsonl)")
-    parser.add_argument("--auto-fit", type=float, default=None, metavar="GIB",
+    parser.add_argument("--auto-fit", type=positive_gib, default=None, metavar="GIB",
                         help="choose micro-batch/checkpointing/8-bit/offload to fit GIB of GPU memory")
-    parser.add_argument("--cap-gib", type=float, default=None, metavar="GIB",
+    parser.add_argument("--cap-gib", type=positive_gib, default=None, metavar="GIB",
                         help="cap this process's GPU memory, to see whether a smaller card would hold the run")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (the file with the overrides applied, every key) and exit")
@@ -42,13 +42,8 @@ def main() -> None:
         return
     if not args.cfg:
         fail("--cfg is required: a config file, or a shipped config's name (--list-configs lists them)")
-    if args.stop_after is not None and args.stop_after < 1:
-        fail(f"--stop-after must be a positive number of iterations, got {args.stop_after}")
     if args.allow_change and not args.resume:
         fail("--allow-change needs --resume: it names what may differ from the checkpoint's config")
-    for name, value in (("--auto-fit", args.auto_fit), ("--cap-gib", args.cap_gib)):
-        if value is not None and not value > 0:
-            fail(f"{name} must be a positive number of GiB, got {value}")
     cfg = load_config(args.cfg, args.overrides)
     if args.print_config:
         print(dump_config(cfg, f"{args.cfg}" + (f" with {' '.join(args.overrides)}" if args.overrides else "")), end="")
@@ -106,11 +101,8 @@ def check_host_memory(cfg) -> None:
 def report(summary: dict, iters: int) -> None:
     """The final line, once: by the main process (the others only share its exit code)."""
     say = fail if summary["main_process"] else lambda message, code=2: sys.exit(code)
-    from setr_lowmem.engine.train import final_line
-
-    line = final_line(summary)
-    if line and summary["main_process"]:
-        print(line)
+    if summary.get("final_line"):  # the main process's
+        print(summary["final_line"])
     if summary.get("val_error") and summary["iteration"] == iters:
         say(f"training finished (model in {summary['run_dir']}) but the final validation failed: "
              f"{summary['val_error']}")

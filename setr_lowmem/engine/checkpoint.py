@@ -103,13 +103,23 @@ def damage(path: Path, quick: bool = False) -> str:
 
 
 def iteration_of(path: Path) -> int:
-    """The iteration of checkpoint directory `path` (`iter_0001000` -> 1000)."""
-    return int(NAME.match(Path(path).name).group(1))
+    """The iteration of checkpoint directory `path`: from its name (`iter_0001000` -> 1000), or, for a
+    checkpoint copied under another name, from the `meta.json` its save wrote."""
+    path = Path(path)
+    named = NAME.match(path.name)
+    if named:
+        return int(named.group(1))
+    try:
+        return int(json.loads((path / "meta.json").read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path}: its iteration is neither in its name (iter_NNNNNNN) nor in a "
+                              "readable meta.json") from None
 
 
-def intact(path: Path) -> Path:
-    """`path` if it is an intact checkpoint, else a one-line CheckpointError saying what is wrong."""
-    problem = damage(path)
+def intact(path: Path, quick: bool = False) -> Path:
+    """`path` if it is an intact checkpoint, else a one-line CheckpointError saying what is wrong
+    (`quick`: by the files' sizes only, see `damage`)."""
+    problem = damage(path, quick)
     if problem:
         raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
     return Path(path)
@@ -135,47 +145,64 @@ def weights_problem(module: torch.nn.Module) -> str:
 
 def save_checkpoint(accelerator, run_dir: Path, iteration: int, cfg: Config, meta: dict, keep_last: int,
                     protect: tuple[Path, ...] = ()) -> Path:
-    """Write the checkpoint of `iteration` atomically (all processes call this), verify it against its
-    manifest, then prune (`prune`; `protect`: checkpoints never deleted, e.g. the one resumed from).
-    A write that fails (a full or read-only disk, whatever the writer raises) removes its partial
-    files and leaves every earlier checkpoint as it was."""
+    """Write the checkpoint of `iteration` atomically (all processes call this), with its manifest, then
+    prune (`prune`; `protect`: checkpoints never deleted, e.g. the one resumed from). A write that fails
+    on any process (a full or read-only disk, whatever the writer raises) removes the partial files and
+    leaves every earlier checkpoint as it was; every process then raises the same one-line error."""
     root = checkpoint_dir(run_dir)
     final = root / f"iter_{iteration:07d}"
     tmp = root / f".tmp-{final.name}"
     start = time.time()
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_config(cfg, tmp / "config.yaml")
-            for f in tmp.rglob("*.safetensors"):
-                usual_permissions(f)
-            (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "time": time.time(), **meta},
-                                                      indent=1))
-            write_manifest(tmp)
-            problem = damage(tmp)  # read back: what pruning relies on before it deletes anything
-            if problem:
-                raise OSError(f"the written checkpoint does not pass its manifest: {problem}")
-            if final.exists():  # only ever the checkpoint this session resumed from, saved again
-                shutil.rmtree(final)
-            tmp.rename(final)
-    except Exception as err:  # noqa: BLE001 - OSError, safetensors' and torch's writer errors alike
+    main = accelerator.is_main_process
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def finish() -> None:
+        save_config(cfg, tmp / "config.yaml")
+        for f in tmp.rglob("*.safetensors"):
+            usual_permissions(f)
+        (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "time": time.time(), **meta}, indent=1))
+        write_manifest(tmp)  # read from the files as written: what pruning and every reader check
+        if final.exists():  # a resume sets newer checkpoints aside and saves only later iterations
+            raise OSError(f"{final.name} exists already")
+        tmp.rename(final)
+
+    # three phases, each ending in the same collective on every process, whichever of them failed
+    failure = on_every_process(accelerator, prepare if main else None)
+    if not failure:
+        failure = on_every_process(accelerator, lambda: accelerator.save_state(str(tmp)))
+    if not failure:
+        failure = on_every_process(accelerator, finish if main else None)
+    if failure:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
-        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"cannot write checkpoint {final}: {reason}; "
+        raise CheckpointError(f"cannot write checkpoint {final}: {failure}; "
                               + (f"the newest complete one is {previous[-1].name}" if previous
-                                 else "no checkpoint was written yet")) from None
-    if accelerator.is_main_process:
+                                 else "no checkpoint was written yet"))
+    if main:
         removed = prune(run_dir, keep_last, protect=(final, *protect))
         log.info("saved checkpoint %s in %.1f s%s", final, time.time() - start,
                  f"; removed {', '.join(p.name for p in removed)} (train.keep_last={keep_last})" if removed else "")
     accelerator.wait_for_everyone()
     return final
+
+
+def on_every_process(accelerator, work) -> str:
+    """Run `work` (None: nothing, on this process), then agree with every process on whether all of
+    them succeeded: '' when they did, else why this one failed ('on another process' when it did not)."""
+    reason = ""
+    if work is not None:
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - OSError, safetensors' and torch's writer errors alike
+            reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    failed = torch.tensor([float(bool(reason))], device=accelerator.device)
+    if accelerator.num_processes > 1 and accelerator.reduce(failed, reduction="sum").item() > 0:
+        return reason or "it failed on another process"
+    return reason
 
 
 def prune(run_dir: Path, keep_last: int, protect: tuple[Path, ...] = ()) -> list[Path]:
@@ -294,9 +321,11 @@ def strip_prefixes(sd: dict[str, torch.Tensor], prefix: str = "model.") -> dict[
     return {k.replace(WRAPPER, "").removeprefix(prefix): v for k, v in sd.items()}
 
 
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The model's fp32 state dict from an intact checkpoint directory, including ZeRO ones."""
-    path = intact(path)
+def consolidated_state_dict(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The model's fp32 state dict from an intact checkpoint directory, including ZeRO ones (`verify`:
+    check every file's checksum first; False for a checkpoint this process has just written, whose
+    manifest was made from its files moments ago: the sizes are still checked)."""
+    path = intact(path, quick=not verify)
     try:
         if (path / "model.safetensors").is_file():
             sd = load_file(str(path / "model.safetensors"))
@@ -323,12 +352,13 @@ def _non_finite(sd: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def export_fp32(path: Path, out: Path, overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
+def export_fp32(path: Path, out: Path, overwrite: bool = False, metadata: dict[str, str] | None = None,
+                verify: bool = True) -> Path:
     """Write the consolidated fp32 model of checkpoint `path` as one safetensors file (never one with
     non-finite weights, never into a checkpoint, never over an existing file unless `overwrite`);
-    `metadata` is added to the file's own (its source and config)."""
+    `metadata` is added to the file's own (its source and config); `verify`: see `consolidated_state_dict`."""
     out = writable_target(Path(out), overwrite)
-    sd = {k: v.contiguous() for k, v in consolidated_state_dict(path).items()}
+    sd = {k: v.contiguous() for k, v in consolidated_state_dict(path, verify).items()}
     bad = _non_finite(sd)
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): not exported")
@@ -389,7 +419,8 @@ def stored_config(path: str | Path) -> Config | None:
         except ValueError as err:
             raise CheckpointError(f"cannot read {path}/config.json: {err}") from None
     if path.is_dir():
-        intact(path)  # a damaged checkpoint is refused before any of its files is read
+        intact(path, quick=True)  # a damaged checkpoint is refused before its config is read (the
+        # checksums are compared when its weights are read)
         text = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None
     else:
         try:

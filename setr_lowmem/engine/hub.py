@@ -51,7 +51,7 @@ class PretrainedSETR(nn.Module, PyTorchModelHubMixin, library_name="setr-lowmem"
         """The class of every pixel of `image` (uint8 H x W x 3 RGB, or a PIL image), as the toolkit's
         evaluation predicts it: normalised with the model's own mean and std, resized to the config's
         test scale, whole-image or sliding-window inference, back to the image's size."""
-        image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        image = np.array(image.convert("RGB") if hasattr(image, "convert") else image)  # a writable copy
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"predict takes a uint8 H x W x 3 RGB image or a PIL image, got {image.dtype} "
                              f"{list(image.shape)}")
@@ -104,13 +104,19 @@ class PretrainedSETR(nn.Module, PyTorchModelHubMixin, library_name="setr-lowmem"
 def training_record(checkpoint: Path) -> dict:
     """The iteration a checkpoint (or an exported model) was saved at and its run's last validation up to
     then, from the run directory's `metrics.jsonl` (empty where there is none: an imported file)."""
+    checkpoint = checkpoint.resolve()  # a relative `iter_0000002` has no parents to walk up to
     run_dir = checkpoint.parents[1] if checkpoint.is_dir() else checkpoint.parent
     meta = checkpoint / "meta.json" if checkpoint.is_dir() else None
     iteration = json.loads(meta.read_text())["iteration"] if meta and meta.is_file() else None
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return {"iteration": iteration} if iteration is not None else {}
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = []
+    for line in metrics.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a killed run's half-written last line
+            continue
     vals = [r for r in records if "val" in r and (iteration is None or r["iteration"] <= iteration)]
     out = {"iteration": iteration if iteration is not None else max((r["iteration"] for r in records), default=None)}
     if vals:

@@ -47,15 +47,28 @@ class RunLock:
         self.file = None
 
     def acquire(self) -> RunLock:
-        file = open(self.path, "a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            file.close()
-            raise RunDirError(f"{self.path.parent} is in use by another run ({holder}): wait for it to end, "
-                              "or set train.out_dir to another directory") from None
+        """Lock the run directory, or one line naming the run that holds it. The lock file is removed
+        when a run ends: a lock taken on a file that has just been removed (or replaced) is no lock, so
+        it is taken again on the file the path now names."""
+        for _ in range(10):
+            file = open(self.path, "a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "another process"
+                file.close()
+                raise RunDirError(f"{self.path.parent} is in use by another run ({holder}): wait for it to end, "
+                                  "or set train.out_dir to another directory") from None
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(file.fileno()), current):
+                break
+            file.close()  # the holder removed the file while this one waited on it: try again
+        else:
+            raise RunDirError(f"cannot lock {self.path}: it keeps being removed; is another run starting there?")
         file.seek(0)
         file.truncate()
         file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -64,7 +77,8 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Unlock and remove the lock file (removed while still held, so no other run can be between)."""
+        """Remove the lock file, then unlock it: a run that opened the file meanwhile finds it removed
+        once it holds the lock (`acquire` checks) and takes the lock on a new file."""
         if self.file is not None:
             self.path.unlink(missing_ok=True)
             fcntl.flock(self.file, fcntl.LOCK_UN)

@@ -15,6 +15,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from setr_lowmem.config import Config, ScheduleConfig
+from setr_lowmem.memory.optim import group_settings
 
 
 def poly_lr(t: int, base_lr: float, cfg: ScheduleConfig) -> float:
@@ -56,9 +57,9 @@ def reapply_hyperparameters(scheduler: LambdaLR, cfg: Config) -> None:
     iteration is recomputed from the new values; the optimizer's state (momentum buffers) is kept."""
     o = cfg.optim
     for i, group in enumerate(scheduler.optimizer.param_groups):
-        name = group.get("name", "encoder")
-        base = o.lr * (o.head_lr_mult if name.startswith("head") else 1.0)
-        group["weight_decay"] = 0.0 if name.endswith("_no_decay") else o.weight_decay
+        settings = group_settings(group.get("name", "encoder"), o)
+        base = settings["lr"]
+        group["weight_decay"] = settings["weight_decay"]
         if "momentum" in group:
             group["momentum"] = o.momentum
         if "betas" in group:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -159,6 +159,10 @@ class TrainingStep:
     accumulation: int
     autocast: Callable
     dtype: torch.dtype
+    statistics: list[torch.Tensor] = field(default_factory=list)  # BatchNorm's running statistics (`run`)
+
+    def __post_init__(self) -> None:
+        self.statistics = _batchnorm_statistics(self.module)  # found once: a skipped step puts them back
 
     @property
     def deepspeed(self) -> bool:
@@ -231,13 +235,12 @@ class TrainingStep:
         """One iteration: `forward_backward` over `accumulation` micro-batches, then `finish`. A skipped
         iteration leaves the model as it found it: BatchNorm's running statistics, which its forward
         passes moved, are put back too."""
-        statistics = _batchnorm_statistics(self.module)
-        saved = [b.clone() for b in statistics]
+        saved = [b.clone() for b in self.statistics]
         outcome = self.forward_backward(micro_batches, after_backward)
         outcome.skipped = self.finish(outcome.skipped)
         if outcome.skipped:
             with torch.no_grad():
-                for b, old in zip(statistics, saved, strict=True):
+                for b, old in zip(self.statistics, saved, strict=True):
                     b.copy_(old)
         return outcome
 

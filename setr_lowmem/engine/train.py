@@ -115,10 +115,10 @@ def setup_logging(run_dir: Path, main: bool) -> None:
     log.propagate = False
 
 
-class Interrupted(SetrError):
-    """A second Ctrl-C while the run was finishing its iteration: it stops at once, without a checkpoint."""
-
-    exit_code = 130
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C while the run was finishing its iteration: it stops at once, without a checkpoint.
+    A KeyboardInterrupt, so that no `except Exception` on its way (an image reader, an export) takes
+    it for a failure of its own; the launchers print its message in one line (exit 130)."""
 
 
 class _Signals:
@@ -249,13 +249,18 @@ def _open(cfg: Config, accelerator: Accelerator, lock: RunLock | None, resume: s
         if changes:
             reapply_hyperparameters(step.scheduler, cfg)
     accelerator.wait_for_everyone()  # every process has loaded `start` before the directory changes
-    if accelerator.is_main_process:  # the first writes into the run directory: every check has passed
+
+    def first_writes() -> None:  # into the run directory (the main process's): every check has passed
         if start is not None:
             ckpt.set_aside_newer(run_dir, start)
         ckpt.clean_partial(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         if changes:
             _record_changes(run_dir, start, changes)
+
+    failure = ckpt.on_every_process(accelerator, first_writes if accelerator.is_main_process else None)
+    if failure:
+        raise ckpt.CheckpointError(f"cannot prepare the run directory {run_dir}: {failure}")
     _init_trackers(accelerator, cfg)
     loader = build_train_loader(cfg, step.accumulation, state.iteration, accelerator.process_index, world, source)
     meter = MemoryMeter(accelerator.device)
@@ -268,15 +273,14 @@ def _open(cfg: Config, accelerator: Accelerator, lock: RunLock | None, resume: s
 
 
 # what an earlier run leaves in its directory; a run that starts from iteration 0 never writes over them
-RESULTS = ("model.safetensors", "best_mIoU.safetensors", "best_aAcc.safetensors", "best_mAcc.safetensors",
-           "metrics.jsonl", "eval.json", "config.yaml")
+RESULTS = ("model.safetensors", "best_*.safetensors", "metrics.jsonl", "eval*.json", "config.yaml")
 
 
 def _refuse_earlier_results(run_dir: Path, resume: str | None) -> None:
     """A run starting from iteration 0 may not write into the results of an earlier one. The one
     exception: `--resume auto` after a run that stopped before its first checkpoint (a requeued job)
     starts again there, adding to its metrics; an exported model is never written over."""
-    found = [name for name in RESULTS if (run_dir / name).exists()]
+    found = [p.name for pattern in RESULTS for p in sorted(run_dir.glob(pattern))]
     root = ckpt.checkpoint_dir(run_dir)
     if root.is_dir() and any(root.iterdir()):
         found.insert(0, "checkpoints/")
@@ -344,14 +348,14 @@ def iterate(run: Run) -> bool:
         log.warning("iteration %d: non-finite loss or gradients, step skipped (%d skipped in all, %d in a row)",
                     state.iteration, state.skipped, state.bad_streak)
         if state.bad_streak >= run.cfg.train.max_bad_steps:
-            newest = ckpt.list_checkpoints(run.run_dir)
             raise NonFiniteLossError(
                 f"{state.bad_streak} consecutive non-finite losses at iteration {state.iteration}: stopping without "
                 f"a checkpoint; {_advice(run)}")
         return True
     state.bad_streak = 0
-    run.last_loss = run.accelerator.reduce(outcome.loss, reduction="mean").item()
-    run.last_parts = run.accelerator.reduce(outcome.parts, reduction="mean").tolist()
+    # the loss and its parts in one reduction (one device sync per iteration, not two)
+    both = run.accelerator.reduce(torch.cat([outcome.loss.reshape(1), outcome.parts]), reduction="mean").tolist()
+    run.last_loss, run.last_parts = both[0], both[1:]
     run.summary["losses"].append(run.last_loss)
     return False
 
@@ -426,22 +430,25 @@ def validate_if_due(run: Run) -> None:
     try:
         run.summary["val"] = _validate(run)
         run.val_error = ""
-        _keep_best(run, run.summary["val"])
-    except Interrupted:
-        raise
     except (SetrError, OSError) as err:
         run.val_error = str(err).splitlines()[0] if str(err) else type(err).__name__
         run.summary.pop("val", None)
         log.error("iteration %d: validation failed, training goes on: %s", it, run.val_error)
         write_metrics(run, {"iteration": it, "val_error": run.val_error})
+        return
+    try:
+        _keep_best(run, run.summary["val"])
+    except (SetrError, OSError) as err:  # the validation stands; only its copy as the best model is missing
+        log.error("iteration %d: the best model was not saved, training goes on: %s", it,
+                  str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 def checkpoint_due(run: Run, signal_name: str | None) -> bool:
-    """At `train.ckpt_every`, the end, a stop, a signal, and every validation (the best model is exported
-    from the checkpoint of its iteration)."""
+    """At `train.ckpt_every`, the end, a stop, a signal, and every validation when the best model is kept
+    (it is exported from the checkpoint of its iteration)."""
     it, every = run.state.iteration, run.cfg.train.ckpt_every
     return bool((every and it % every == 0) or it == run.cfg.schedule.iters or it == run.stop_at or signal_name
-                or validation_due(run))
+                or (run.cfg.train.save_best != "none" and validation_due(run)))
 
 
 def best_path(run_dir: Path, metric: str) -> Path:
@@ -453,9 +460,14 @@ def best_so_far(run_dir: Path, metric: str) -> tuple[float, int] | None:
     path = best_path(run_dir, metric)
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return float(meta.get(metric, "nan")), int(meta.get("iteration", -1))
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return float(meta[metric]), int(meta["iteration"])
+    except Exception as err:  # noqa: BLE001 - a damaged file: the next better validation writes a good one
+        log.warning("%s cannot be read (%s: %s): taken as no best model yet", path, type(err).__name__,
+                    (str(err).splitlines() or [""])[0])
+        return None
 
 
 def _keep_best(run: Run, metrics: dict) -> None:
@@ -469,7 +481,7 @@ def _keep_best(run: Run, metrics: dict) -> None:
     if best is not None and not metrics[metric] > best[0]:
         return
     extra = {metric: repr(metrics[metric]), "iteration": str(run.state.iteration)}
-    ckpt.export_fp32(final, best_path(run.run_dir, metric), overwrite=True, metadata=extra)
+    ckpt.export_fp32(final, best_path(run.run_dir, metric), overwrite=True, metadata=extra, verify=False)
     log.info("new best %s %.2f at iteration %d: %s", metric, metrics[metric], run.state.iteration,
              best_path(run.run_dir, metric).name)
 
@@ -478,8 +490,6 @@ def save(run: Run) -> None:
     """The checkpoint of this iteration, if the weights are usable on every process (finite, and not
     diverged: `checkpoint.weights_problem`); else the run stops without writing one."""
     accelerator, it = run.accelerator, run.state.iteration
-    if it == run.start and run.resumed_from is not None:
-        return  # stopped before its first iteration: the checkpoint it resumed from is this one
     problem = ckpt.weights_problem(run.step.module)
     bad = torch.tensor([float(bool(problem))], device=accelerator.device)
     if accelerator.reduce(bad, reduction="sum").item() > 0:
@@ -507,7 +517,8 @@ def close_run(run: Run, stopped_by: str | None) -> dict:
     """Export the final model when the schedule is done, report the memory peaks, end the trackers."""
     if run.state.iteration == run.cfg.schedule.iters and run.accelerator.is_main_process:
         final = ckpt.checkpoint_dir(run.run_dir) / f"iter_{run.state.iteration:07d}"  # written by the loop
-        out = ckpt.export_fp32(final, run.run_dir / "model.safetensors", overwrite=True)  # this run's own
+        # this run's own file; the checkpoint was written moments ago from its manifest: not hashed again
+        out = ckpt.export_fp32(final, run.run_dir / "model.safetensors", overwrite=True, verify=False)
         log.info("exported the fp32 model to %s", out)
     run.accelerator.wait_for_everyone()
     peaks = run.meter.peaks()
@@ -517,13 +528,14 @@ def close_run(run: Run, stopped_by: str | None) -> dict:
                        stopped_by=stopped_by, run_dir=str(run.run_dir), val_error=run.val_error,
                        main_process=run.accelerator.is_main_process)
     metric = run.cfg.train.save_best
-    best = best_so_far(run.run_dir, metric) if metric != "none" else None
-    if best is not None:
-        run.summary["best"] = {"metric": metric, "score": best[0], "iteration": best[1],
-                               "path": str(best_path(run.run_dir, metric))}
-    line = final_line(run.summary)
-    if line and run.accelerator.is_main_process:
-        _to_log_file(line)
+    if run.accelerator.is_main_process:  # the run directory is the main process's
+        best = best_so_far(run.run_dir, metric) if metric != "none" else None
+        if best is not None:
+            run.summary["best"] = {"metric": metric, "score": best[0], "iteration": best[1],
+                                   "path": str(best_path(run.run_dir, metric))}
+        run.summary["final_line"] = final_line(run.summary)
+        if run.summary["final_line"]:
+            _to_log_file(run.summary["final_line"])
     return run.summary
 
 

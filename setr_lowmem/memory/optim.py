@@ -42,10 +42,18 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         is_head = is_head_parameter(name.replace(WRAPPER, ""))
         no_decay = cfg.name == "adamw" and p.ndim <= 1
         groups.setdefault((is_head, no_decay), []).append(p)
-    return [{"params": params, "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
-             "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-             "name": ("head" if is_head else "encoder") + ("_no_decay" if no_decay else "")}
-            for (is_head, no_decay), params in sorted(groups.items())]
+    out = []
+    for (is_head, no_decay), params in sorted(groups.items()):
+        name = ("head" if is_head else "encoder") + ("_no_decay" if no_decay else "")
+        out.append({"params": params, "name": name, **group_settings(name, cfg)})
+    return out
+
+
+def group_settings(name: str, cfg: OptimConfig) -> dict:
+    """The lr and weight decay of the parameter group `name` (`param_groups`' names: encoder or head,
+    `_no_decay` for AdamW's biases and norms): what building and a deliberate change on resume set."""
+    return {"lr": cfg.lr * (cfg.head_lr_mult if name.startswith("head") else 1.0),
+            "weight_decay": 0.0 if name.endswith("_no_decay") else cfg.weight_decay}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

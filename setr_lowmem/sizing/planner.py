@@ -147,9 +147,7 @@ def search(cfg: Config, budget_gib: float, steps: int = 3, max_micro_batch: int 
     `micro_batches`, `offload` and `policies` narrow the candidates."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    total = cfg.train.total_batch
-    sizes = micro_batches or [b for b in range(total, 0, -1)
-                              if total % b == 0 and (max_micro_batch is None or b <= max_micro_batch)]
+    sizes = micro_batches or [b for b in micro_batch_sizes(cfg) if max_micro_batch is None or b <= max_micro_batch]
     tried: list[tuple[Plan, Measurement]] = []
     before = memory_cap(device)  # the user's own cap (train.py --cap-gib, targets.py --cap-gib) comes back after
     cap = budget_gib if before is None else min(budget_gib, before)
